@@ -1,0 +1,76 @@
+"""Atomic folder writes and checksums, shared by adapters and generator checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_folder_atomically(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    jsons: Mapping[str, Mapping[str, Any]] | None = None,
+    texts: Mapping[str, str] | None = None,
+    checksums_into: str | None = None,
+) -> Path:
+    """Write safetensors, JSON and text files into ``directory`` so that no reader sees a half-written state.
+
+    Everything is written to a temporary folder beside ``directory`` first. A new folder is then renamed
+    into place in one step; into an existing folder the files are moved one by one with ``os.replace``
+    (each atomic), weights first and JSON last, so a config never points at weights that are not there yet.
+
+    Args:
+        tensors: ``{file name: {tensor name: tensor}}`` written as safetensors.
+        jsons: ``{file name: object}`` written as indented JSON.
+        texts: ``{file name: text}`` written as UTF-8.
+        checksums_into: name of one of ``jsons`` that receives ``"sha256": {weight file: digest}``.
+    """
+    directory = Path(directory)
+    tensors, jsons, texts = dict(tensors or {}), dict(jsons or {}), dict(texts or {})
+    if checksums_into is not None and checksums_into not in jsons:
+        raise ValueError(f"checksums_into={checksums_into!r} is not one of the JSON files {sorted(jsons)}.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        digests = {}
+        for name, content in tensors.items():
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in content.items()},
+                str(tmp / name),
+                metadata={"format": "pt"},
+            )
+            digests[name] = sha256_file(tmp / name)
+        for name, content in texts.items():
+            (tmp / name).write_text(content, encoding="utf-8")
+        for name, content in jsons.items():
+            if name == checksums_into:
+                content = {**content, "sha256": digests}
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return directory
+        if not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a folder.")
+        for name in [*tensors, *texts, *jsons]:
+            os.replace(tmp / name, directory / name)
+        return directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""Attach :class:`ContextAdapter` updates to a model's linear layers, or merge them into float weights.
+
+Attaching registers a forward hook on each target module that adds ``scale · (x Aᵀ) Bᵀ`` to its output, so
+the base weights are never touched: this works the same for ``torch.nn.Linear``, bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` (the update stays unmerged, in the activation dtype) and GPT-2 style
+``Conv1D``; gradients flow into the adapter's factors; detaching removes the hooks, which restores the
+model exactly. A batched adapter (``A [N, r, d_in]``) adapts each example of a batch with its own update;
+a batch of ``N·m`` rows (beam search, ``num_return_sequences``) repeats each adapter ``m`` times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import ContextAdapter, LoraFactors
+from .errors import AdapterMismatchError, QuantizedMergeError
+from .modules import is_conv1d, is_quantized_module, module_shape
+
+__all__ = [
+    "AdapterHandle",
+    "apply_adapter",
+    "attach_adapter",
+    "detach_adapter",
+    "lora_delta",
+    "merge_adapter",
+    "resolve_adapter_modules",
+    "unmerge_adapter",
+]
+
+
+def _adapter_root(model: nn.Module) -> nn.Module:
+    """The causal LM whose ``named_modules()`` names the adapter's targets.
+
+    Wrappers (ctx2param models, PEFT models) expose it through ``get_adapter_root()``.
+    """
+    getter = getattr(model, "get_adapter_root", None)
+    return getter() if callable(getter) else model
+
+
+def resolve_adapter_modules(model: nn.Module, adapter: ContextAdapter) -> dict[str, nn.Module]:
+    """``{name: module}`` for every target of ``adapter`` in ``model``, checking that shapes agree."""
+    root = _adapter_root(model)
+    modules = dict(root.named_modules())
+    resolved = {}
+    for name, factors in adapter.items():
+        module = modules.get(name)
+        if module is None:
+            linear = [n for n, m in modules.items() if n and module_shape(m) is not None][:3]
+            raise AdapterMismatchError(
+                f"The adapter targets {name!r}, which {type(root).__name__} does not have (its linear "
+                f"layers are named like {linear}). Was the adapter made for another base model "
+                f"({adapter.base_model!r})?"
+            )
+        shape = module_shape(module)
+        if shape is None:
+            raise AdapterMismatchError(
+                f"{name!r} in {type(root).__name__} is a {type(module).__name__}, not linear."
+            )
+        if shape != factors.shape:
+            raise AdapterMismatchError(
+                f"Module {name!r}: the model's layer maps {shape[1]} -> {shape[0]} features but the "
+                f"adapter's ΔW is {factors.shape[0]} x {factors.shape[1]}. The adapter was made for another "
+                f"base model ({adapter.base_model!r})."
+            )
+        resolved[name] = module
+    return resolved
+
+
+def lora_delta(x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+    """``scale · x Aᵀ Bᵀ`` in ``x``'s dtype.
+
+    Args:
+        x: ``[..., d_in]``; with batched factors, ``[N·m, T, d_in]``.
+        factors: ``A [r, d_in]``, ``B [d_out, r]`` or batched ``A [N, r, d_in]``, ``B [N, d_out, r]``.
+
+    Returns:
+        ``[..., d_out]``.
+    """
+    A, B = factors.A.to(x.dtype), factors.B.to(x.dtype)
+    if A.dim() == 2:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, A) * factors.scale, B)
+    n = A.shape[0]
+    if x.dim() != 3 or x.shape[0] % n:
+        raise AdapterMismatchError(
+            f"A batched adapter of {n} examples needs inputs [batch, tokens, features] with batch a "
+            f"multiple of {n}; got input of shape {tuple(x.shape)}."
+        )
+    if x.shape[0] != n:
+        repeat = x.shape[0] // n
+        A, B = A.repeat_interleave(repeat, 0), B.repeat_interleave(repeat, 0)
+    return torch.bmm(torch.bmm(x, A.mT) * factors.scale, B.mT)
+
+
+class AdapterHandle:
+    """An adapter attached to a model; :meth:`detach` (or leaving the ``with`` block) removes it exactly."""
+
+    def __init__(self, model: nn.Module, adapter: ContextAdapter, modules: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        cache: dict[tuple[str, torch.device], LoraFactors] = {}
+
+        for name, module in modules.items():
+            factors = adapter[name]
+
+            def hook(
+                mod: nn.Module,
+                args: tuple[Any, ...],
+                output: torch.Tensor,
+                _name: str = name,
+                _factors: LoraFactors = factors,
+            ) -> torch.Tensor:
+                x = args[0]
+                if _factors.A.device != x.device:  # a model spread over devices (device_map="auto")
+                    key = (_name, x.device)
+                    if key not in cache:
+                        cache[key] = LoraFactors(
+                            _factors.A.to(x.device), _factors.B.to(x.device), _factors.scale
+                        )
+                    use = cache[key]
+                else:
+                    use = _factors
+                delta = lora_delta(x, use).to(output.dtype)
+                if torch.is_grad_enabled() and (output.requires_grad or delta.requires_grad):
+                    return output + delta
+                return output.add_(delta)
+
+            self._hooks.append(module.register_forward_hook(hook))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Remove the adapter; the model computes exactly as before it was attached."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> AdapterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach_adapter(model: nn.Module, adapter: ContextAdapter) -> AdapterHandle:
+    """Attach ``adapter`` to ``model`` (unmerged) and return a handle; ``handle.detach()`` removes it.
+
+    Several adapters may be attached at once: their updates add up, as ``a + b`` does.
+    """
+    if not isinstance(adapter, ContextAdapter):
+        raise TypeError(f"attach_adapter needs a ContextAdapter, got {type(adapter).__name__}.")
+    return AdapterHandle(model, adapter, resolve_adapter_modules(model, adapter))
+
+
+def detach_adapter(handle: AdapterHandle) -> None:
+    """Remove an adapter attached with :func:`attach_adapter`."""
+    handle.detach()
+
+
+@contextmanager
+def apply_adapter(model: nn.Module, adapter: ContextAdapter | None) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes with W + ΔW on every target module of ``adapter``.
+
+    The model is restored exactly on exit, also when the block raises. ``adapter=None`` is a no-op.
+
+    Example:
+        >>> with apply_adapter(model, a + b):
+        ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+    if adapter is None:
+        yield model
+        return
+    handle = attach_adapter(model, adapter)
+    try:
+        yield model
+    finally:
+        handle.detach()
+
+
+def _merge(model: nn.Module, adapter: ContextAdapter, sign: float) -> None:
+    if adapter.batch_size is not None:
+        raise ValueError("A batched (per-example) adapter cannot be merged into shared weights; unbind() it.")
+    modules = resolve_adapter_modules(model, adapter)
+    for name, module in modules.items():
+        if is_quantized_module(module):
+            raise QuantizedMergeError(
+                f"Cannot merge into {name!r}, a quantized {type(module).__name__}: its weights are not "
+                "floats. Use apply_adapter()/attach_adapter() (unmerged), or load the base in float to merge."
+            )
+    with torch.no_grad():
+        for name, module in modules.items():
+            weight = module.weight
+            factors = adapter[name]
+            delta = (
+                factors.B.to(weight.device, torch.float32) @ factors.A.to(weight.device, torch.float32)
+            ) * (factors.scale * sign)
+            if is_conv1d(module):
+                delta = delta.T
+            weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
+
+
+def merge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
+    """Add ΔW into the float weights of ``model`` (W ← W + ΔW, computed in float32).
+
+    Quantized layers raise :class:`~ctx2param.errors.QuantizedMergeError`; nothing is changed then.
+    """
+    _merge(model, adapter, 1.0)
+
+
+def unmerge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
+    """Subtract a merged ΔW again (exact up to the rounding of the weight dtype)."""
+    _merge(model, adapter, -1.0)
