@@ -126,7 +126,7 @@ def test_gold_answers_validation() -> None:
 
 def test_matches_official_script_on_random_strings() -> None:
     rng = random.Random(0)
-    vocab = ["the", "a", "an", "The", "cat", "Cat,", "dog.", "red", "U.S.", "big-red", "(1984)", "an!", "x", "y"]
+    vocab = ["the", "a", "an", "The", "cat", "Cat,", "dog.", "red", "U.S.", "big-red", "(1984)", "an!", "x"]
     for _ in range(500):
         pred = " ".join(rng.choices(vocab, k=rng.randint(0, 6)))
         golds = [" ".join(rng.choices(vocab, k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
@@ -159,7 +159,8 @@ def _brute_force_lcs(a: list, b: list) -> int:
 
 def test_rouge_l_known_values() -> None:
     # LCS "the cat on the mat" = 5 of 6 on both sides
-    assert rouge_l("the cat sat on the mat".split(), "the cat is on the mat".split()) == pytest.approx(5 / 6)
+    pred, ref = ["the", "cat", "sat", "on", "the", "mat"], ["the", "cat", "is", "on", "the", "mat"]
+    assert rouge_l(pred, ref) == pytest.approx(5 / 6)
     # LCS = 3, P = 3/5, R = 1 -> F1 = 0.75; beta = 2 -> 5 * 0.6 / (1 + 4 * 0.6)
     pred, ref = list("abcde"), list("ace")
     assert rouge_l(pred, ref) == pytest.approx(0.75)

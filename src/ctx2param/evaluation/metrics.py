@@ -59,7 +59,7 @@ def normalize_answer(text: str) -> str:
 def _gold_list(ground_truths: str | Sequence[str]) -> list[str]:
     golds = [ground_truths] if isinstance(ground_truths, str) else list(ground_truths)
     if not golds:
-        raise ValueError("No gold answers given: pass at least one reference answer (a str or a list of str).")
+        raise ValueError("No gold answers given: pass at least one answer (a str or a list of str).")
     for gold in golds:
         if not isinstance(gold, str):
             raise TypeError(f"Gold answers must be str, got {type(gold).__name__}.")
@@ -114,12 +114,13 @@ def squad_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) 
     """
     if len(predictions) != len(answers):
         raise ValueError(
-            f"Got {len(predictions)} predictions for {len(answers)} questions; pass one prediction per question."
+            f"Got {len(predictions)} predictions for {len(answers)} questions; "
+            "pass one prediction per question."
         )
     if not predictions:
         raise ValueError("No predictions to score: pass at least one question.")
-    em = sum(exact_match(p, a) for p, a in zip(predictions, answers)) / len(predictions)
-    f = sum(f1(p, a) for p, a in zip(predictions, answers)) / len(predictions)
+    em = sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True)) / len(predictions)
+    f = sum(f1(p, a) for p, a in zip(predictions, answers, strict=True)) / len(predictions)
     return {"exact_match": em, "f1": f, "n": len(predictions)}
 
 
@@ -200,5 +201,5 @@ def token_accuracy(predicted_ids: Sequence[int], reference_ids: Sequence[int]) -
     ref = _as_token_list(reference_ids, "reference_ids")
     if not ref:
         raise ValueError("reference_ids is empty: token accuracy is measured over the reference length.")
-    correct = sum(1 for p, r in zip(pred, ref) if p == r)
+    correct = sum(1 for p, r in zip(pred, ref, strict=False) if p == r)
     return correct / len(ref)
