@@ -5,13 +5,9 @@ The local Hub must be installed before anything imports ``huggingface_hub`` or `
 """
 
 # ruff: noqa: E402  (imports below must come after the Hub server is installed)
-try:
-    from hub_server import install_local_hub
-except ModuleNotFoundError as _err:  # tolerate only tests/hub_server.py itself being absent
-    if _err.name != "hub_server":
-        raise
-else:
-    install_local_hub()
+from hub_server import install_local_hub
+
+_LOCAL_HUB = install_local_hub()
 
 import random
 from collections.abc import Iterator
@@ -35,6 +31,12 @@ def _fixed_seeds() -> Iterator[None]:
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     yield
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """The process-wide local Hub server (``tests/hub_server.py``) that ``HF_ENDPOINT`` points at."""
+    return _LOCAL_HUB
 
 
 @pytest.fixture
