@@ -109,12 +109,20 @@ def _now() -> str:
 class HubError(Exception):
     """An HTTP error answer: status, optional ``X-Error-Code`` and a message (sent as header and JSON)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # more fields of the JSON body
 
 
 def _repo_not_found(repo_type: str, repo_id: str) -> HubError:
@@ -497,7 +505,11 @@ class LocalHub:
         if existing is not None:
             if exist_ok:
                 return existing
-            raise HubError(409, f"You already created this {repo_type} repo: {repo_id}")
+            raise HubError(
+                409,
+                f"You already created this {repo_type} repo: {repo_id}",
+                extra={"url": f"{self.endpoint}/{existing.url_path}"},  # the client reads it with exist_ok
+            )
         now = _now()
         repo = _Repo(
             repo_type=repo_type,
@@ -601,7 +613,7 @@ class LocalHub:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         tree = dict(repo.commits[head].tree)
         for kind, raw_path, data in operations:
-            path = _validate_repo_path(raw_path)
+            path = _validate_repo_path(raw_path.rstrip("/") if kind == "deletedFolder" else raw_path)
             if kind == "file":
                 assert data is not None
                 tree[path] = self._store_blob(data)
@@ -770,6 +782,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "ctx2param-local-hub/1.0"
+    disable_nagle_algorithm = True  # else Nagle + delayed ACK add ~40 ms to each keep-alive answer
     hub: LocalHub  # set on the per-server subclass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
@@ -876,7 +889,7 @@ def _error_response(error: HubError) -> _Response:
     headers = {"X-Error-Message": _header_safe(error.message), **error.headers}
     if error.code:
         headers["X-Error-Code"] = error.code
-    return _Response.json({"error": error.message}, status=error.status, headers=headers)
+    return _Response.json({**error.extra, "error": error.message}, status=error.status, headers=headers)
 
 
 def _header_safe(text: str) -> str:
