@@ -35,6 +35,13 @@ Use in tests::
 
 ``LocalHub()`` also starts a separate server (no environment change) for tests that want a private one; pass
 its ``endpoint`` to ``HfApi(endpoint=...)``.
+
+Not implemented: LFS / Xet storage (never asked for), discussions and pull-request comments, Spaces runtime,
+collections, inference. Any request outside the list above gets 404 "no such endpoint" with the path, so a
+missing feature shows up plainly. Known client quirk: huggingface_hub 1.x ``RepoCard.validate()`` (called by
+``ModelCard.push_to_hub``) posts to the hard-coded ``https://huggingface.co/api/validate-yaml``, so with 1.x
+push a card as ``README.md`` through ``HfApi.upload_file`` / ``create_commit`` (they validate through the
+configured endpoint) instead.
 """
 
 from __future__ import annotations
