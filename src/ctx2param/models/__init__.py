@@ -1,0 +1,5 @@
+"""Context-adaptation methods; importing a method package registers it."""
+
+from . import stream_adapter
+
+__all__ = ["stream_adapter"]
