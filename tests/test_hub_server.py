@@ -567,7 +567,7 @@ def test_transformers_from_pretrained_and_push_to_hub(api: HfApi, repo_id: str, 
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     # transformers probes for an adapter first; the server answered EntryNotFound (404), not an error page.
     probes = [status for _, path, status in HUB.request_log if path.endswith("/adapter_config.json")]
-    assert all(status == 404 for status in probes)
+    assert probes and all(status == 404 for status in probes), probes
 
     pushed_id = repo_id + "-pushed"
     model.push_to_hub(pushed_id, commit_message="Push tiny llama")
