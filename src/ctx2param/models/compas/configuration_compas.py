@@ -1,0 +1,149 @@
+"""``CompAsConfig``: the CompAs generator, its decoder, and the weights of its training losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...configuration_utils import ContextAdaptationConfig
+
+__all__ = ["CompAsConfig"]
+
+
+class CompAsConfig(ContextAdaptationConfig):
+    """Configuration of a CompAs generator (Jukić, Tutek, Šnajder, arXiv 2509.22158; this project's reading).
+
+    The generator runs the frozen base model over a context chunk; for every target layer, ``rank`` learned
+    latent queries (plus a layer embedding) cross-attend to that layer's hidden states in one small
+    Perceiver-style block shared by all layers, and heads shared across layers (one per module kind) map
+    each latent to a rank-1 pair ``(a_i, b_i)``: ΔW = scale · Σ_i b_i a_iᵀ, so the adapter's rank is
+    ``rank`` (the number of latents). The decoder reads ΔW back through learned probes into a soft prompt.
+
+    Args:
+        latent_dim: width of the latents and of the Perceiver block. The heads read half of it each
+            (``a`` from the first half, ``b`` from the second), so ΔW is not forced to be symmetric in the
+            latent space.
+        num_attention_heads: attention heads of the block (``latent_dim`` must be divisible by it).
+        ff_mult: the block's feed-forward width is ``ff_mult * latent_dim``.
+        latent_self_attention: whether the latents of a layer also attend to each other after reading
+            the hidden states.
+        hidden_state_offset: target layer ℓ reads ``hidden_states[ℓ + offset]`` of the base model
+            (0: the input of layer ℓ, 1: its output).
+        init_b_std: scale of the b-head's initial weights relative to the a-head's; small, so the first
+            ΔW is small, but not zero, so gradients reach every head from the first step.
+        decoder_probes: ``p``, right probes per module kind (ΔW · P, P ``[d_in, p]``).
+        decoder_probe_outputs: ``q``, left probes per module kind (Qᵀ ΔW P, Q ``[d_out, q]``).
+        decoder_tokens_per_layer: soft-prompt tokens made from each layer's features.
+        decoder_hidden: width of the decoder's feature-to-prompt MLP.
+        decoder_lora_rank: rank of the decoder's own LoRA on the base model (used only while decoding).
+        decoder_lora_targets: modules of that LoRA (short names); ``None``: ``target_modules``.
+        decoder_max_tokens: longest text (tokens) the decoder is trained to reproduce and the default
+            length of :meth:`CompAsModel.decode_context`.
+        alignment_weight: weight of KL(teacher ‖ student) on the answer tokens.
+        ce_weight: weight of the student's cross-entropy on the answer tokens.
+        additivity_weight: weight of the additivity term ‖ΔW(c1 ⊕ c2) − ΔW(c1) − ΔW(c2)‖² (relative).
+        reconstruction_weight: weight of the decoder's teacher-forced cross-entropy on the chunk's tokens.
+        kl_temperature: temperature of the alignment KL (the KL is multiplied by T² as usual).
+        additivity_pairs: most chunk pairs per batch for the additivity term.
+        reconstruction_chunks: most chunks per batch the decoder is trained on.
+        context_separator: joins contexts in the teacher's prompt and two chunks for ``c1 ⊕ c2``.
+        generation_batch_size: most chunks per batched generator pass in ``generate_adapter``.
+        **kwargs: :class:`~ctx2param.ContextAdaptationConfig` fields (``rank`` defaults to 16 here,
+            ``chunk_tokens`` to 256).
+    """
+
+    model_type = "ctx2param_compas"
+    method_name = "compas"
+
+    def __init__(
+        self,
+        latent_dim: int = 512,
+        num_attention_heads: int = 8,
+        ff_mult: int = 2,
+        latent_self_attention: bool = True,
+        hidden_state_offset: int = 1,
+        init_b_std: float = 0.01,
+        decoder_probes: int = 8,
+        decoder_probe_outputs: int = 8,
+        decoder_tokens_per_layer: int = 2,
+        decoder_hidden: int = 1024,
+        decoder_lora_rank: int = 8,
+        decoder_lora_targets: list[str] | None = None,
+        decoder_max_tokens: int = 128,
+        alignment_weight: float = 1.0,
+        ce_weight: float = 0.5,
+        additivity_weight: float = 0.1,
+        reconstruction_weight: float = 0.1,
+        kl_temperature: float = 1.0,
+        additivity_pairs: int = 4,
+        reconstruction_chunks: int = 8,
+        context_separator: str = "\n\n",
+        generation_batch_size: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("rank", 16)
+        kwargs.setdefault("chunk_tokens", 256)
+        positive = {
+            "latent_dim": latent_dim,
+            "num_attention_heads": num_attention_heads,
+            "ff_mult": ff_mult,
+            "decoder_probes": decoder_probes,
+            "decoder_probe_outputs": decoder_probe_outputs,
+            "decoder_tokens_per_layer": decoder_tokens_per_layer,
+            "decoder_hidden": decoder_hidden,
+            "decoder_lora_rank": decoder_lora_rank,
+            "decoder_max_tokens": decoder_max_tokens,
+            "additivity_pairs": additivity_pairs,
+            "reconstruction_chunks": reconstruction_chunks,
+            "generation_batch_size": generation_batch_size,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CompAsConfig.{name} must be a positive integer, got {value!r}.")
+        if latent_dim % (2 * num_attention_heads):
+            raise ValueError(
+                f"CompAsConfig.latent_dim={latent_dim} must be divisible by 2 * num_attention_heads="
+                f"{2 * num_attention_heads} (attention heads, and the a/b halves read by the heads)."
+            )
+        if hidden_state_offset not in (0, 1):
+            raise ValueError(f"CompAsConfig.hidden_state_offset must be 0 or 1, got {hidden_state_offset!r}.")
+        weights = {
+            "alignment_weight": alignment_weight,
+            "ce_weight": ce_weight,
+            "additivity_weight": additivity_weight,
+            "reconstruction_weight": reconstruction_weight,
+        }
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"CompAsConfig.{name} must be a number >= 0, got {value!r}.")
+        if not (isinstance(init_b_std, (int, float)) and init_b_std > 0):
+            raise ValueError(
+                f"CompAsConfig.init_b_std must be > 0 (zero would stop gradients to the a-heads), got "
+                f"{init_b_std!r}."
+            )
+        if not (isinstance(kl_temperature, (int, float)) and kl_temperature > 0):
+            raise ValueError(f"CompAsConfig.kl_temperature must be > 0, got {kl_temperature!r}.")
+        if isinstance(decoder_lora_targets, str):
+            decoder_lora_targets = [decoder_lora_targets]
+        self.latent_dim = latent_dim
+        self.num_attention_heads = num_attention_heads
+        self.ff_mult = ff_mult
+        self.latent_self_attention = bool(latent_self_attention)
+        self.hidden_state_offset = hidden_state_offset
+        self.init_b_std = float(init_b_std)
+        self.decoder_probes = decoder_probes
+        self.decoder_probe_outputs = decoder_probe_outputs
+        self.decoder_tokens_per_layer = decoder_tokens_per_layer
+        self.decoder_hidden = decoder_hidden
+        self.decoder_lora_rank = decoder_lora_rank
+        self.decoder_lora_targets = list(decoder_lora_targets) if decoder_lora_targets else None
+        self.decoder_max_tokens = decoder_max_tokens
+        self.alignment_weight = float(alignment_weight)
+        self.ce_weight = float(ce_weight)
+        self.additivity_weight = float(additivity_weight)
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.kl_temperature = float(kl_temperature)
+        self.additivity_pairs = additivity_pairs
+        self.reconstruction_chunks = reconstruction_chunks
+        self.context_separator = context_separator
+        self.generation_batch_size = generation_batch_size
+        super().__init__(**kwargs)

@@ -1,0 +1,851 @@
+"""CompAs: context → compositional LoRA-style adapters, with a decoder that reads the context back.
+
+Generator (per context chunk, one batched pass): the frozen base model reads the chunk
+(``output_hidden_states``); for each target layer ℓ, ``m = config.rank`` learned latent queries plus a layer
+embedding cross-attend to that layer's hidden states (padding masked out) in one Perceiver-style block
+shared by all layers; heads shared across layers, one per module kind (``self_attn.q_proj``, ``mlp.up_proj``,
+...), map latent i to a rank-1 pair: ``a_i = H_a(z_i[:d/2]) / √d_in``, ``b_i = H_b(z_i[d/2:]) / √m``, and
+ΔW = scale · Σ_i b_i a_iᵀ (rank m). Reading a and b from different halves of the latent keeps ΔW from being
+a (PSD) quadratic form of the latents.
+
+Training (:meth:`CompAsModel.training_losses`) on examples with chunks c_1..c_n, query q and answer y:
+
+- alignment: KL(teacher ‖ student) on y's tokens, teacher = the frozen base with all chunks then q in its
+  prompt (no gradient), student = the base with Σ_i ΔW(c_i) and only q; plus cross-entropy of the student
+  on y;
+- additivity: ‖ΔW(c_i ⊕ c_j) − ΔW(c_i) − ΔW(c_j)‖² / (‖ΔW(c_i)‖² + ‖ΔW(c_j)‖²) from the factors;
+- reconstruction: the decoder (:mod:`.decoder_compas`) reproduces each chunk's tokens (teacher forced).
+
+Prompts go through the tokenizer's chat template when it has one and the query is not empty; continuation
+examples (empty query) use the plain text format (context, then the continuation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...adapter import ContextAdapter, LoraFactors
+from ...errors import ContextError
+from ...injection import apply_adapter
+from ...modeling_utils import ContextAdaptationModel
+from ...modules import target_module_shapes
+from .configuration_compas import CompAsConfig
+from .decoder_compas import CompAsDecoder
+from .losses_compas import additivity_loss, alignment_kl, masked_cross_entropy
+
+__all__ = ["CompAsGenerator", "CompAsModel", "ModuleLayout", "PerceiverBlock"]
+
+_LAYER_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
+
+
+# ------------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class ModuleLayout:
+    """Where each target module sits: its layer and its kind (the part of the name after the layer index).
+
+    Attributes:
+        layers: the adapted layers' indices, ascending.
+        kinds: module kinds in first-appearance order (``"self_attn.q_proj"``, ``"mlp.c_proj"``, ...).
+        kind_shapes: ``(d_out, d_in)`` of each kind (the same in every layer: the heads are shared).
+        positions: ``{module name: (layer position, kind position)}``.
+    """
+
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]
+    kind_shapes: tuple[tuple[int, int], ...]
+    positions: dict[str, tuple[int, int]]
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, Sequence[int]]) -> ModuleLayout:
+        if not shapes:
+            raise ValueError("CompAs needs at least one target module (config.target_shapes is empty).")
+        parsed = {}
+        for name in shapes:
+            match = _LAYER_NAME.match(name)
+            if match is None:
+                raise ValueError(
+                    f"CompAs shares its heads across layers, so every target module must sit in a numbered "
+                    f"layer (like 'model.layers.3.self_attn.q_proj'); {name!r} does not. Choose "
+                    "target_modules inside the decoder layers."
+                )
+            parsed[name] = (int(match["layer"]), match["kind"])
+        layers = tuple(sorted({layer for layer, _ in parsed.values()}))
+        kinds: list[str] = []
+        kind_shapes: dict[str, tuple[int, int]] = {}
+        for name, (_, kind) in parsed.items():
+            shape = (int(shapes[name][0]), int(shapes[name][1]))
+            if kind not in kind_shapes:
+                kinds.append(kind)
+                kind_shapes[kind] = shape
+            elif kind_shapes[kind] != shape:
+                raise ValueError(
+                    f"Module kind {kind!r} has shape {kind_shapes[kind]} in one layer and {shape} in another "
+                    f"({name}); CompAs shares one head per kind across layers and needs equal shapes."
+                )
+        positions = {name: (layers.index(layer), kinds.index(kind)) for name, (layer, kind) in parsed.items()}
+        return cls(layers, tuple(kinds), tuple(kind_shapes[k] for k in kinds), positions)
+
+    @staticmethod
+    def key(kind: str) -> str:
+        """A module-dict key for a kind (dots are not allowed there)."""
+        return kind.replace(".", "__")
+
+    def presence(self) -> torch.Tensor:
+        """``[num_layers, num_kinds]`` bool: which (layer, kind) pairs are target modules."""
+        mask = torch.zeros(len(self.layers), len(self.kinds), dtype=torch.bool)
+        for layer, kind in self.positions.values():
+            mask[layer, kind] = True
+        return mask
+
+
+# --------------------------------------------------------------------------------------------- generator
+class PerceiverBlock(nn.Module):
+    """Latents read tokens (cross-attention, padding masked), optionally attend to each other, then an MLP.
+
+    Pre-norm residual block; shapes: latents ``[B, m, d]``, tokens ``[B, T, d]``, key mask ``[B, T]`` (True =
+    a real token) → ``[B, m, d]``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ff_mult: int, self_attention: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_latents = nn.LayerNorm(dim)
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.o = nn.Linear(dim, dim)
+        self.self_attention = self_attention
+        if self_attention:
+            self.norm_self = nn.LayerNorm(dim)
+            self.qkv_self = nn.Linear(dim, 3 * dim, bias=False)
+            self.o_self = nn.Linear(dim, dim)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
+        for out in (self.o, self.ff[2], *((self.o_self,) if self_attention else ())):
+            nn.init.normal_(out.weight, std=0.02)
+            nn.init.zeros_(out.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, n, dh = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * dh)
+
+    def forward(self, latents: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.q(self.norm_latents(latents)))
+        k, v = self.kv(self.norm_tokens(tokens)).chunk(2, -1)
+        attn = F.scaled_dot_product_attention(
+            q, self._heads(k), self._heads(v), attn_mask=key_mask[:, None, None, :]
+        )
+        x = latents + self.o(self._merge(attn))
+        if self.self_attention:
+            qs, ks, vs = self.qkv_self(self.norm_self(x)).chunk(3, -1)
+            x = x + self.o_self(
+                self._merge(F.scaled_dot_product_attention(self._heads(qs), self._heads(ks), self._heads(vs)))
+            )
+        return x + self.ff(self.norm_ff(x))
+
+
+class CompAsGenerator(nn.Module):
+    """Hidden states of the target layers → per-kind rank-1 pairs for every layer.
+
+    Args:
+        config: the :class:`CompAsConfig`.
+        layout: the target modules' layers and kinds.
+        hidden_size: the base model's hidden width ``D``.
+    """
+
+    def __init__(self, config: CompAsConfig, layout: ModuleLayout, hidden_size: int) -> None:
+        super().__init__()
+        d, m = config.latent_dim, config.rank
+        self.rank = m
+        self.input_norm = nn.LayerNorm(hidden_size)
+        self.input_proj = nn.Linear(hidden_size, d)
+        self.latents = nn.Parameter(torch.randn(m, d) * 0.5)
+        self.layer_embedding = nn.Parameter(torch.randn(len(layout.layers), d) * 0.5)
+        self.block = PerceiverBlock(
+            d, config.num_attention_heads, config.ff_mult, config.latent_self_attention
+        )
+        self.output_norm = nn.LayerNorm(d)
+        half = d // 2
+        self.a_heads = nn.ModuleDict()
+        self.b_heads = nn.ModuleDict()
+        for kind, (d_out, d_in) in zip(layout.kinds, layout.kind_shapes, strict=True):
+            a_head, b_head = nn.Linear(half, d_in), nn.Linear(half, d_out)
+            nn.init.normal_(a_head.weight, std=1.0 / math.sqrt(half))
+            nn.init.normal_(b_head.weight, std=config.init_b_std / math.sqrt(half))
+            nn.init.zeros_(a_head.bias)
+            nn.init.zeros_(b_head.bias)
+            self.a_heads[ModuleLayout.key(kind)] = a_head
+            self.b_heads[ModuleLayout.key(kind)] = b_head
+        self.kinds = list(layout.kinds)
+        self.kind_shapes = list(layout.kind_shapes)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Factors of every (layer, kind).
+
+        Args:
+            hidden: ``[C, L, T, D]``, hidden states of the ``L`` adapted layers for ``C`` chunks.
+            mask: ``[C, T]`` bool, True on real tokens (padding does not contribute).
+
+        Returns:
+            Per kind (layout order): ``A [C, L, m, d_in]`` and ``B [C, L, d_out, m]``; ΔW of chunk c at layer
+            position j is ``scale · B[c, j] @ A[c, j]``.
+        """
+        c, n_layers, t, _ = hidden.shape
+        dtype = self.input_proj.weight.dtype
+        tokens = self.input_proj(self.input_norm(hidden.to(dtype))).reshape(c * n_layers, t, -1)
+        latents = (self.latents[None] + self.layer_embedding[:, None]).expand(c, -1, -1, -1)
+        latents = latents.reshape(c * n_layers, self.rank, -1)
+        key_mask = mask.bool().repeat_interleave(n_layers, 0)
+        z = self.output_norm(self.block(latents, tokens, key_mask)).view(c, n_layers, self.rank, -1)
+        z_a, z_b = z.chunk(2, -1)
+        out = []
+        for kind, (_, d_in) in zip(self.kinds, self.kind_shapes, strict=True):
+            key = ModuleLayout.key(kind)
+            A = self.a_heads[key](z_a) / math.sqrt(d_in)  # [C, L, m, d_in]
+            B = (self.b_heads[key](z_b) / math.sqrt(self.rank)).transpose(-1, -2)  # [C, L, d_out, m]
+            out.append((A, B))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to ``ids [N, T]`` and ``mask [N, T]`` (1 on real tokens)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(length - len(s), length) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: ``cumsum(mask) - 1`` (clamped at 0)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _prompt_answer_batch(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Rows ``[left pad][prompt][answer][right pad]``: every prompt ends at the same column, so the logits
+    that predict the answers are the last ``La + 1`` positions minus the final one."""
+    p_len = max(len(p) for p in prompts)
+    a_len = max(len(a) for a in answers)
+    ids = torch.full((len(prompts), p_len + a_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        row = list(p) + list(a)
+        ids[i, p_len - len(p) : p_len + len(a)] = torch.tensor(row, dtype=torch.long)
+        mask[i, p_len - len(p) : p_len + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class CompAsModel(ContextAdaptationModel):
+    """CompAs: a frozen base causal LM, a generator of compositional adapters, and a context decoder.
+
+    Build a fresh one with ``CompAsModel.from_base(base, CompAsConfig(...))``; load a trained one with
+    ``AutoModelForContextAdaptation.from_pretrained(...)``.
+
+    Example:
+        >>> a = model.generate_adapter("The secret password is Marigold.")
+        >>> b, c = model.generate_adapter(["Passage two ...", "Passage three ..."])
+        >>> with model.adapted(a + b + c):
+        ...     out = model.generate(**tok("What is the password?", return_tensors="pt"), max_new_tokens=8)
+        >>> model.decode_context(a)    # the context, read back out of ΔW (after training)
+    """
+
+    config_class = CompAsConfig
+
+    def __init__(self, config: CompAsConfig, base_model: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__(config, base_model, tokenizer=tokenizer)
+        if not config.target_shapes:
+            config.target_shapes = {
+                n: list(s) for n, s in target_module_shapes(base_model, config.target_modules).items()
+            }
+        self.layout = ModuleLayout.from_shapes(config.target_shapes)
+        num_layers = self._num_hidden_layers()
+        if num_layers is not None:
+            too_deep = [
+                layer for layer in self.layout.layers if layer + config.hidden_state_offset > num_layers
+            ]
+            if too_deep:
+                raise ValueError(
+                    f"Target layers {too_deep} with hidden_state_offset={config.hidden_state_offset} need "
+                    f"hidden states the base (with {num_layers} layers) does not have."
+                )
+        window = self.max_positions
+        if window is not None and config.chunk_tokens + 2 > window:
+            raise ValueError(
+                f"chunk_tokens={config.chunk_tokens} does not fit the base model's window of {window} "
+                f"tokens; choose chunk_tokens <= {window - 2}."
+            )
+        embeddings = base_model.get_input_embeddings()
+        hidden_size = int(embeddings.embedding_dim)
+        self.generator = CompAsGenerator(config, self.layout, hidden_size)
+        decoder_targets = config.decoder_lora_targets or config.target_modules
+        lora_shapes = target_module_shapes(base_model, decoder_targets)
+        self.decoder = CompAsDecoder(
+            kinds=self.layout.kind_shapes,
+            positions=self.layout.positions,
+            num_layers=len(self.layout.layers),
+            hidden_size=hidden_size,
+            embed_rms=self._embedding_rms(embeddings),
+            lora_shapes=lora_shapes,
+            probes=config.decoder_probes,
+            probe_outputs=config.decoder_probe_outputs,
+            tokens_per_layer=config.decoder_tokens_per_layer,
+            mlp_hidden=config.decoder_hidden,
+            lora_rank=config.decoder_lora_rank,
+        )
+        self.register_buffer("_presence", self.layout.presence(), persistent=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------- base facts
+    def _num_hidden_layers(self) -> int | None:
+        cfg = getattr(self.base_lm, "config", None)
+        if cfg is None:
+            return None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in ("num_hidden_layers", "n_layer"):
+            value = getattr(text, attr, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def max_positions(self) -> int | None:
+        """The base model's context window in tokens, when its config says."""
+        cfg = getattr(self.base_lm, "config", None)
+        if cfg is None:
+            return None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(text, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @staticmethod
+    def _embedding_rms(embeddings: nn.Module) -> float:
+        weight = getattr(embeddings, "weight", None)
+        if weight is None or not weight.is_floating_point():
+            return 1.0
+        with torch.no_grad():
+            ids = torch.arange(min(int(weight.shape[0]), 4096), device=weight.device)
+            vectors = embeddings(ids).float()  # through the module: Gemma scales its embeddings
+            rms = vectors.pow(2).mean(-1).sqrt().median().item()
+        return rms if math.isfinite(rms) and rms > 0 else 1.0
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Trainable parameters of the generator and of the decoder (probes, prompt MLP, LoRA)."""
+        decoder_lora = sum(p.numel() for p in [*self.decoder.lora_A, *self.decoder.lora_B])
+        decoder = sum(p.numel() for p in self.decoder.parameters())
+        return {
+            "generator": sum(p.numel() for p in self.generator.parameters()),
+            "decoder": decoder,
+            "decoder_lora": decoder_lora,
+            "total": self.num_method_parameters(),
+        }
+
+    # ------------------------------------------------------------------------------------ tokenization
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                "This CompAsModel has no tokenizer: pass tokenizer=... to from_base / from_pretrained."
+            )
+        return self.tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a generated text (the tokenizer's eos, and the base config's)."""
+        ids = []
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            ids.append(tok_eos)
+        cfg_eos = getattr(getattr(self.base_lm, "generation_config", None), "eos_token_id", None)
+        for value in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+    def _content_ids(self, text: str) -> list[int]:
+        return list(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_chunk(self, text: str) -> list[int]:
+        """Token ids the generator reads for one chunk (with the tokenizer's usual special tokens)."""
+        return list(self._require_tokenizer()(text, add_special_tokens=True)["input_ids"])
+
+    def _check_content(self, text: str, index: int) -> list[int]:
+        ids = self._content_ids(text)
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        if not ids or all(i in special for i in ids):
+            raise ContextError(
+                f"Context {index} consists only of special tokens ({text[:40]!r}); there is no content to "
+                "adapt to. Pass the text itself, without chat-template markers."
+            )
+        return ids
+
+    def _start_ids(self) -> list[int]:
+        """Tokens that start a plain (non-chat) prompt: the tokenizer's own prefix, else its eos/pad."""
+        tok = self._require_tokenizer()
+        with_special = tok("a", add_special_tokens=True)["input_ids"]
+        without = tok("a", add_special_tokens=False)["input_ids"]
+        prefix = (
+            list(with_special[: len(with_special) - len(without)])
+            if with_special[-len(without) :] == without
+            else []
+        )
+        if prefix:
+            return prefix
+        eos = getattr(tok, "eos_token_id", None)
+        return [eos if isinstance(eos, int) else self.pad_token_id]
+
+    def _use_chat(self, query: str) -> bool:
+        return bool(query) and bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_ids(self, query: str, contexts: Sequence[str] = ()) -> list[int]:
+        """Token ids of a prompt with ``contexts`` (the teacher; none for the student) before ``query``.
+
+        With a chat template and a non-empty query: one user turn, ``contexts`` and ``query`` joined by
+        ``config.context_separator``, then the generation prompt. Otherwise the plain format: the start
+        token(s), then the contexts (joined by a space when the query is empty: continuation) and the query.
+        """
+        tok = self._require_tokenizer()
+        sep = self.config.context_separator
+        if self._use_chat(query):
+            messages = [{"role": "user", "content": sep.join([*contexts, query])}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        body = " ".join(contexts) if not query else sep.join([*contexts, query])
+        return self._start_ids() + (self._content_ids(body) if body else [])
+
+    def answer_ids(self, query: str, answer: str) -> list[int]:
+        """Token ids of the answer as scored after :meth:`prompt_ids` (chat: the reply and end of turn)."""
+        if self._use_chat(query):
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            return self._content_ids(answer.strip()) + ([eos] if isinstance(eos, int) else [])
+        if not query:  # continuation: the text goes on after the context
+            return self._content_ids(" " + answer.strip())
+        target = answer if query[-1].isspace() else " " + answer
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return self._content_ids(target) + ([eos] if isinstance(eos, int) else [])
+
+    def _truncate(self, text: str, max_tokens: int) -> str:
+        """``text`` cut (at a token start) to at most ``max_tokens`` content tokens."""
+        tok = self._require_tokenizer()
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= max_tokens:
+            return text
+        cut = enc["offset_mapping"][max_tokens][0]
+        return text[:cut].rstrip() or text[: enc["offset_mapping"][max_tokens - 1][1]]
+
+    # ------------------------------------------------------------------------------ adapter generation
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[C, L, T, D]`` hidden states of the adapted layers (frozen base, no gradient)."""
+        body = getattr(self.base_lm, "base_model", None)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+        with torch.no_grad(), apply_adapter(self.base_lm, None):
+            if isinstance(body, nn.Module) and body is not self.base_lm:
+                out = body(**kwargs, use_cache=False)
+            else:
+                out = self.base_lm(**kwargs, use_cache=False, logits_to_keep=1)
+        states = out.hidden_states
+        offset = self.config.hidden_state_offset
+        return torch.stack([states[layer + offset] for layer in self.layout.layers], 1)
+
+    def generate_factors(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-kind factors for a batch of chunks (differentiable in the generator's parameters).
+
+        Args:
+            input_ids, attention_mask: ``[C, T]``, right or left padded.
+
+        Returns:
+            Per kind: ``A [C, L, m, d_in]``, ``B [C, L, d_out, m]`` (see :class:`CompAsGenerator`).
+        """
+        device = self.base_device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = self._hidden_states(input_ids, attention_mask)
+        return self.generator(hidden, attention_mask.bool())
+
+    def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
+        """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]``."""
+        out = {}
+        for name, (layer, kind) in self.layout.positions.items():
+            A, B = factors[kind]
+            out[name] = LoraFactors(A[:, layer], B[:, layer], self.config.scale)
+        return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
+
+    def _generate_batched(self, texts: Sequence[str]) -> ContextAdapter:
+        """One batched adapter (batch ``len(texts)``) for texts that each fit in a chunk."""
+        ids, mask = _pad([self._encode_chunk(t) for t in texts], self.pad_token_id)
+        return self.factors_to_adapter(self.generate_factors(ids, mask))
+
+    def _check_chunk_tokens(self, chunk_tokens: Any) -> int:
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 8:
+            raise ValueError(f"chunk_tokens must be an integer >= 8, got {chunk_tokens!r}.")
+        window = self.max_positions
+        if window is not None and chunk_tokens + 2 > window:
+            raise ValueError(
+                f"chunk_tokens={chunk_tokens} exceeds the base model's window of {window} tokens; use at "
+                f"most {window - 2} (longer contexts are split into chunks and their adapters summed)."
+            )
+        return chunk_tokens
+
+    def split_context(self, text: str, chunk_tokens: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        """``[(piece, (char start, char end))]``: the whole text if it fits in ``chunk_tokens`` tokens, else
+        its pieces from ``ctx2param.training.data.chunk_text`` (sentence boundaries where possible)."""
+        limit = self._check_chunk_tokens(self.config.chunk_tokens if chunk_tokens is None else chunk_tokens)
+        if len(self._content_ids(text)) <= limit:
+            return [(text, (0, len(text)))]
+        from ...training.data import chunk_text  # the project's one chunking rule
+
+        spans = []
+        position = 0
+        for piece in chunk_text(text, self._require_tokenizer(), limit):
+            start = text.find(piece, position)
+            if start < 0:  # cannot happen: chunk_text returns stripped slices of text, in order
+                raise ContextError("chunk_text returned a piece that is not a slice of the text.")
+            spans.append((piece, (start, start + len(piece))))
+            position = start + len(piece)
+        return spans
+
+    @torch.no_grad()
+    def generate_adapter(
+        self, contexts: str | Sequence[str], chunk_tokens: int | None = None
+    ) -> ContextAdapter | list[ContextAdapter]:
+        """Adapters for one context (a string) or several (a list), in batched generator passes.
+
+        A context longer than ``chunk_tokens`` (default ``config.chunk_tokens``) tokens is split at
+        sentence boundaries where possible; each piece becomes an adapter and the pieces' adapters are
+        summed (rank = pieces × m). Every adapter's ``metadata["chunking"]`` records the split:
+        ``num_chunks``, ``chunk_tokens``, ``char_spans`` (``[start, end)`` of each piece in the text) and
+        ``token_counts``. Padding is masked, so an adapter does not depend on what it was batched with.
+        Runs without gradients (training uses :meth:`generate_factors`).
+
+        Raises:
+            ContextError: an empty or whitespace context, an empty list, a non-string, or a context made
+                only of special tokens.
+            ValueError: ``chunk_tokens`` below 8 or beyond the base model's window.
+        """
+        texts = self.validate_contexts(contexts)
+        limit = self._check_chunk_tokens(self.config.chunk_tokens if chunk_tokens is None else chunk_tokens)
+        pieces: list[str] = []
+        owners: list[int] = []
+        infos = []
+        for i, text in enumerate(texts):
+            self._check_content(text, i)
+            split = self.split_context(text, limit)
+            usable = [(p, s) for p, s in split if p.strip()]
+            for piece, _ in usable:
+                pieces.append(piece)
+                owners.append(i)
+            infos.append(
+                {
+                    "num_chunks": len(usable),
+                    "chunk_tokens": limit,
+                    "char_spans": [list(s) for _, s in usable],
+                    "token_counts": [len(self._content_ids(p)) for p, _ in usable],
+                }
+            )
+        step = self.config.generation_batch_size
+        singles: list[ContextAdapter] = []
+        for start in range(0, len(pieces), step):
+            singles.extend(self._generate_batched(pieces[start : start + step]).unbind())
+        results = []
+        for i, info in enumerate(infos):
+            own = [a for a, owner in zip(singles, owners, strict=True) if owner == i]
+            total = own[0] if len(own) == 1 else sum(own[1:], own[0])
+            results.append(
+                ContextAdapter(
+                    dict(total.items()),
+                    total.base_model,
+                    total.base_revision,
+                    metadata={"method": "compas", "chunking": info},
+                )
+            )
+        return results[0] if isinstance(contexts, str) else results
+
+    # ------------------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_context(self, adapter: ContextAdapter, max_new_tokens: int | None = None) -> str | list[str]:
+        """Read the context back out of an adapter: soft prompt from ΔW's probe features, greedy decoding.
+
+        ``adapter`` is one adapter (→ a string) or a batched one (→ a list). A *sum* of adapters is decoded
+        too: the features are linear in ΔW, so the decoder sees the sum of the pieces' features. The decoder
+        is trained on single chunks, so for a sum it returns what its prompt map makes of superposed
+        features: typically text mixing the pieces' content (dominated by the one with the largest ΔW), not
+        a faithful concatenation; an untrained decoder returns noise.
+
+        Args:
+            adapter: made by this generator (same target modules), or a sum / scaling of such adapters.
+            max_new_tokens: most tokens to write; default ``config.decoder_max_tokens``.
+        """
+        if max_new_tokens is None:
+            max_new_tokens = self.config.decoder_max_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        self.decoder.check_adapter(adapter)
+        window = self.max_positions
+        if window is not None and self.decoder.prompt_length + max_new_tokens > window:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} plus the decoder's {self.decoder.prompt_length}-vector "
+                f"prompt exceeds the base model's window of {window} tokens."
+            )
+        tok = self._require_tokenizer()
+        device = self.base_device
+        embed = self.base_lm.get_input_embeddings()
+        soft = self.decoder.soft_prompt(adapter.to(device=device))
+        soft = soft.to(embed.weight.dtype if embed.weight.is_floating_point() else soft.dtype)
+        n = soft.shape[0]
+        eos = torch.tensor(self.eos_token_ids or [-1], device=device)
+        mask = torch.ones(n, soft.shape[1], dtype=torch.long, device=device)
+        tokens = []
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        with apply_adapter(self.base_lm, self.decoder.lora_adapter()):
+            out = self.base_lm(inputs_embeds=soft, attention_mask=mask, use_cache=True)
+            for _ in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1)
+                nxt = torch.where(finished, torch.full_like(nxt, self.pad_token_id), nxt)
+                tokens.append(nxt)
+                finished |= torch.isin(nxt, eos)
+                if bool(finished.all()):
+                    break
+                mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
+                out = self.base_lm(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+        generated = torch.stack(tokens, 1).tolist()
+        texts = []
+        stop = set(eos.tolist())
+        for row in generated:
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            texts.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+        return texts[0] if adapter.batch_size is None else texts
+
+    # ------------------------------------------------------------------------------------------ training
+    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """``TrainingExample``s → one batch of tensors for :meth:`training_losses`.
+
+        Every context is one chunk, cut to ``config.chunk_tokens`` tokens (the teacher sees the same cut
+        text). Only the parts the nonzero loss weights need are built.
+
+        Returns:
+            ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (generator input, right padded),
+            ``chunk_example``/``chunk_slot`` ``[C]`` (owning example, position in it); for alignment/CE
+            ``teacher_*`` and ``student_*`` (``input_ids``, ``attention_mask``, ``position_ids``; rows laid
+            out ``[left pad][prompt][answer][right pad]``) and ``answer_ids``/``answer_mask`` ``[N, La]``;
+            for additivity ``pair_input_ids``/``pair_attention_mask`` ``[P, Tp]`` (chunk i ⊕ chunk j) and
+            ``pair_left``/``pair_right`` ``[P]``; for reconstruction ``recon_ids``/``recon_mask`` ``[R, Lr]``
+            and ``recon_chunks`` ``[R]``.
+        """
+        if not examples:
+            raise ValueError("collate_training_examples got an empty list of examples.")
+        cfg = self.config
+        chunk_texts: list[str] = []
+        chunk_example: list[int] = []
+        chunk_slot: list[int] = []
+        teacher_prompts, student_prompts, answers = [], [], []
+        for e, ex in enumerate(examples):
+            contexts = getattr(ex, "contexts", None)
+            if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+                raise ValueError(f"Training example {e} has no usable contexts: {contexts!r}.")
+            cut = [self._truncate(c, cfg.chunk_tokens) for c in contexts]
+            for s, text in enumerate(cut):
+                chunk_texts.append(text)
+                chunk_example.append(e)
+                chunk_slot.append(s)
+            teacher_prompts.append(self.prompt_ids(ex.query, cut))
+            student_prompts.append(self.prompt_ids(ex.query))
+            answers.append(self.answer_ids(ex.query, ex.answer))
+        pad = self.pad_token_id
+        ids, mask = _pad([self._encode_chunk(t) for t in chunk_texts], pad)
+        batch: dict[str, torch.Tensor] = {
+            "chunk_input_ids": ids,
+            "chunk_attention_mask": mask,
+            "chunk_example": torch.tensor(chunk_example),
+            "chunk_slot": torch.tensor(chunk_slot),
+        }
+        if cfg.alignment_weight > 0 or cfg.ce_weight > 0:
+            for role, prompts in (("teacher", teacher_prompts), ("student", student_prompts)):
+                for key, value in _prompt_answer_batch(prompts, answers, pad).items():
+                    batch[f"{role}_{key}"] = value
+            batch["answer_ids"], batch["answer_mask"] = _pad(answers, pad)
+        if cfg.additivity_weight > 0 and len(chunk_texts) >= 2:
+            pairs = self._additivity_pairs(chunk_example)
+            sep = cfg.context_separator
+            joint = [self._encode_chunk(chunk_texts[i] + sep + chunk_texts[j]) for i, j in pairs]
+            batch["pair_input_ids"], batch["pair_attention_mask"] = _pad(joint, pad)
+            batch["pair_left"] = torch.tensor([i for i, _ in pairs])
+            batch["pair_right"] = torch.tensor([j for _, j in pairs])
+        if cfg.reconstruction_weight > 0:
+            chosen = list(range(min(len(chunk_texts), cfg.reconstruction_chunks)))
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            targets = []
+            for i in chosen:
+                content = self._content_ids(chunk_texts[i])
+                if len(content) >= cfg.decoder_max_tokens or not isinstance(eos, int):
+                    targets.append(content[: cfg.decoder_max_tokens])
+                else:
+                    targets.append([*content, eos])
+            batch["recon_ids"], batch["recon_mask"] = _pad(targets, pad)
+            batch["recon_chunks"] = torch.tensor(chosen)
+        return batch
+
+    def _additivity_pairs(self, chunk_example: Sequence[int]) -> list[tuple[int, int]]:
+        """Chunk pairs for the additivity term: neighbours within an example first, then across examples."""
+        limit = self.config.additivity_pairs
+        pairs = [
+            (i, i + 1) for i in range(len(chunk_example) - 1) if chunk_example[i] == chunk_example[i + 1]
+        ]
+        pairs += [
+            (i, i + 1) for i in range(len(chunk_example) - 1) if chunk_example[i] != chunk_example[i + 1]
+        ]
+        return pairs[:limit]
+
+    def _example_sums(
+        self,
+        factors: list[tuple[torch.Tensor, torch.Tensor]],
+        example: torch.Tensor,
+        slot: torch.Tensor,
+        n: int,
+    ) -> ContextAdapter:
+        """Batched adapter ``[N, ...]`` of each example's Σ_i ΔW(c_i) (absent chunks are zero rank blocks)."""
+        n_max = int(slot.max().item()) + 1
+        summed = []
+        for A, B in factors:
+            c, n_layers, m, d_in = A.shape
+            d_out = B.shape[2]
+            a = A.new_zeros(n, n_max, n_layers, m, d_in).index_put((example, slot), A)
+            b = B.new_zeros(n, n_max, n_layers, d_out, m).index_put((example, slot), B)
+            a = a.permute(0, 2, 1, 3, 4).reshape(n, n_layers, n_max * m, d_in)
+            b = b.permute(0, 2, 3, 1, 4).reshape(n, n_layers, d_out, n_max * m)
+            summed.append((a, b))
+        return self.factors_to_adapter(summed)
+
+    def _answer_logits(self, batch: dict[str, torch.Tensor], role: str, answer_len: int) -> torch.Tensor:
+        out = self.base_lm(
+            input_ids=batch[f"{role}_input_ids"],
+            attention_mask=batch[f"{role}_attention_mask"],
+            position_ids=batch[f"{role}_position_ids"],
+            use_cache=False,
+            logits_to_keep=answer_len + 1,
+        )
+        return out.logits[:, :-1]
+
+    def _select(
+        self, factors: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(A[index], B[index]) for A, B in factors]
+
+    def reconstruction_logits(
+        self,
+        factors: list[tuple[torch.Tensor, torch.Tensor]],
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decoder logits ``[R, Lr, V]`` predicting ``target_ids [R, Lr]`` from per-kind factors (teacher
+        forced)."""
+        features = self.features_from_factors(factors)
+        soft = self.decoder.prompt_from_features(features)
+        embed = self.base_lm.get_input_embeddings()
+        targets = embed(target_ids)
+        inputs = torch.cat([soft.to(targets.dtype), targets], 1)
+        mask = torch.cat(
+            [torch.ones(soft.shape[:2], dtype=target_mask.dtype, device=target_mask.device), target_mask], 1
+        )
+        with apply_adapter(self.base_lm, self.decoder.lora_adapter()):
+            out = self.base_lm(
+                inputs_embeds=inputs,
+                attention_mask=mask,
+                use_cache=False,
+                logits_to_keep=target_ids.shape[1] + 1,
+            )
+        return out.logits[:, :-1]
+
+    def features_from_factors(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Decoder features ``[N, L, K·q·p]`` straight from per-kind factors (same as ``decoder.features`` of
+        :meth:`factors_to_adapter`; modules that are not targets contribute zeros)."""
+        per_kind = []
+        for kind, (A, B) in enumerate(factors):
+            phi = self.decoder.kind_features(kind, A, B, self.config.scale)  # [N, L, q, p]
+            present = self._presence[:, kind].to(phi.dtype)[None, :, None, None]
+            per_kind.append((phi * present).flatten(-2))
+        return torch.cat(per_kind, -1)
+
+    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The CompAs losses of a batch from :meth:`collate_training_examples`.
+
+        Returns:
+            ``loss`` (the weighted total) and the unweighted terms whose weight is nonzero: ``alignment``
+            (KL teacher ‖ student on answer tokens), ``ce`` (student cross-entropy on the answer),
+            ``additivity`` (relative, see :func:`~.losses_compas.additivity_loss`), ``reconstruction``
+            (decoder cross-entropy on chunk tokens).
+        """
+        cfg = self.config
+        device = self.base_device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        factors = self.generate_factors(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
+        if "answer_ids" in batch:
+            n = batch["answer_ids"].shape[0]
+            answer_len = batch["answer_ids"].shape[1]
+            student_adapter = self._example_sums(factors, batch["chunk_example"], batch["chunk_slot"], n)
+            with torch.no_grad():
+                teacher = self._answer_logits(batch, "teacher", answer_len)
+            with apply_adapter(self.base_lm, student_adapter):
+                student = self._answer_logits(batch, "student", answer_len)
+            if cfg.alignment_weight > 0:
+                losses["alignment"] = alignment_kl(teacher, student, batch["answer_mask"], cfg.kl_temperature)
+                total = total + cfg.alignment_weight * losses["alignment"]
+            if cfg.ce_weight > 0:
+                losses["ce"] = masked_cross_entropy(student, batch["answer_ids"], batch["answer_mask"])
+                total = total + cfg.ce_weight * losses["ce"]
+        if "pair_input_ids" in batch:
+            joint = self.factors_to_adapter(
+                self.generate_factors(batch["pair_input_ids"], batch["pair_attention_mask"])
+            )
+            first = self.factors_to_adapter(self._select(factors, batch["pair_left"]))
+            second = self.factors_to_adapter(self._select(factors, batch["pair_right"]))
+            losses["additivity"] = additivity_loss(joint, first, second)
+            total = total + cfg.additivity_weight * losses["additivity"]
+        if "recon_ids" in batch:
+            chosen = self._select(factors, batch["recon_chunks"])
+            logits = self.reconstruction_logits(chosen, batch["recon_ids"], batch["recon_mask"])
+            losses["reconstruction"] = masked_cross_entropy(logits, batch["recon_ids"], batch["recon_mask"])
+            total = total + cfg.reconstruction_weight * losses["reconstruction"]
+        if not losses:
+            raise ValueError(
+                "Every CompAs loss weight is zero (or the batch has nothing to compute them on): nothing "
+                "to train."
+            )
+        return {"loss": total, **losses}
