@@ -1,5 +1,5 @@
 """Context-adaptation methods; importing a method package registers it."""
 
-from . import stream_adapter
+from . import compas, stream_adapter
 
-__all__ = ["stream_adapter"]
+__all__ = ["compas", "stream_adapter"]
