@@ -16,6 +16,7 @@ from ctx2param.evaluation.datasets import (
     heldout_split,
     load_boolq,
     load_classification,
+    load_coqa,
     load_mc,
     load_squad,
     split_key,
@@ -307,3 +308,18 @@ def test_classification_demonstrations_with_build_mc_k() -> None:
     train_ids = {ex.id for ex in train}
     assert all(d.id in train_ids for it in items for d in it.demonstrations)
     assert items[0].demonstration_texts()[0].endswith(("True", "False", "Neither"))
+
+
+def test_load_coqa_turns_and_history() -> None:
+    turns = load_coqa()
+    assert len(turns) == 7983
+    assert len({t.story_id for t in turns}) == 500 and len({t.story for t in turns}) == 499
+    by_id = {t.id: t for t in turns}
+    for t in turns:
+        n = len(t.history)
+        assert t.id == f"{t.story_id}_turn{n}" and t.answers and t.question
+        if n:  # the history is the conversation so far, as the earlier turns give it
+            previous = by_id[f"{t.story_id}_turn{n - 1}"]
+            assert t.history[-1] == (previous.question, previous.answers[0])
+            assert t.history[:-1] == previous.history
+    assert {t.source for t in turns} == {"race", "cnn", "gutenberg", "wikipedia", "mctest"}
