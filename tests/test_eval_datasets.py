@@ -323,3 +323,26 @@ def test_load_coqa_turns_and_history() -> None:
             assert t.history[-1] == (previous.question, previous.answers[0])
             assert t.history[:-1] == previous.history
     assert {t.source for t in turns} == {"race", "cnn", "gutenberg", "wikipedia", "mctest"}
+
+
+def test_draws_are_pinned() -> None:
+    """Published numbers must be reproducible: these draws may only change on purpose (then update here)."""
+    items = build_squad_k(load_squad(), k=4, n=3, seed=0)
+    assert [(it.id, it.gold_index, it.titles) for it in items] == [
+        ("56bebe873aeaaa14008c933f", 3, ("Scottish_Parliament", "Chloroplast", "Rhine", "Super_Bowl_50")),
+        (
+            "572a1c943f37b319004786e1",
+            2,
+            ("Immune_system", "Yuan_dynasty", "Economic_inequality", "Construction"),
+        ),
+        (
+            "572fbf21a23a5019007fc939",
+            3,
+            ("Yuan_dynasty", "Fresno,_California", "Victoria_and_Albert_Museum", "Scottish_Parliament"),
+        ),
+    ]
+    mc = build_mc_k(load_mc("arc_challenge", "test")[:2], load_mc("arc_challenge", "validation"), k=2, seed=0)
+    assert [(it.id, [d.id for d in it.demonstrations]) for it in mc] == [
+        ("Mercury_7175875", ["Mercury_7044100", "Mercury_7245893"]),
+        ("Mercury_SC_409171", ["Mercury_415263", "Mercury_7189035"]),
+    ]
