@@ -1,0 +1,158 @@
+"""Approximate FLOP counts of a training step, for model-FLOPs utilisation (MFU) and ``total_flos``.
+
+Conventions (the usual ones of MFU reports): a matrix multiply of ``[n, k] x [k, m]`` costs ``2·n·k·m``; only
+real (non-padding) tokens count; causal self-attention over ``T`` tokens costs ``2·T²·w`` per layer (scores
+and values, each ``T²/2 · w`` multiply-adds), ``w`` = query width. A backward pass costs twice the forward
+for trainable weights (input and weight gradients) and once the forward for frozen weights (input gradients
+only): the base model is frozen, so a student or decoder pass through it costs 2× its forward, not 3×.
+Normalisation layers, activations, softmax and the optimizer are ignored (a few percent).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules import module_shape
+
+__all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops"]
+
+
+@dataclass(frozen=True)
+class BaseCost:
+    """What a forward pass of a causal LM costs.
+
+    Attributes:
+        linear_params: weights of the linear layers of the decoder stack (embeddings and LM head excluded).
+        lm_head_params: vocabulary × hidden (the logits projection).
+        num_layers: decoder layers.
+        attn_width: query width (heads × head dim) of each attention layer.
+        hidden_size: embedding width.
+    """
+
+    linear_params: int
+    lm_head_params: int
+    num_layers: int
+    attn_width: int
+    hidden_size: int
+
+    def forward(self, lengths: torch.Tensor | list[int], logit_positions: int = 0) -> float:
+        """Forward FLOPs over sequences of the given real lengths, computing ``logit_positions`` logits."""
+        lengths = [int(t) for t in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        tokens = sum(lengths)
+        attention = sum(2.0 * self.num_layers * self.attn_width * t * t for t in lengths)
+        return 2.0 * self.linear_params * tokens + attention + 2.0 * self.lm_head_params * logit_positions
+
+
+_COSTS: weakref.WeakKeyDictionary[nn.Module, BaseCost] = weakref.WeakKeyDictionary()
+
+
+def _compute_base_cost(model: nn.Module) -> BaseCost:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = 0
+    for module in model.modules():
+        if module is out_emb:
+            continue
+        shape = module_shape(module)
+        if shape is not None:
+            linear += shape[0] * shape[1]
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    hidden = int(model.get_input_embeddings().embedding_dim)
+    layers = int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0) or 0)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    head_dim = getattr(text, "head_dim", None)
+    width = int(heads * head_dim) if heads and head_dim else hidden
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    return BaseCost(linear, vocab * hidden, layers, width, hidden)
+
+
+def base_cost(model: nn.Module) -> BaseCost:
+    """The :class:`BaseCost` of a causal LM (cached per model object, without keeping it alive)."""
+    if model not in _COSTS:
+        _COSTS[model] = _compute_base_cost(model)
+    return _COSTS[model]
+
+
+def _lengths(inputs: dict[str, Any], key: str) -> torch.Tensor:
+    return inputs[key].sum(-1).detach().cpu()
+
+
+def compas_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one CompAs training step on a collated batch, by part, and token counts.
+
+    Returns:
+        ``generator`` (base forward over chunks and pairs + the Perceiver block and heads, forward and
+        backward), ``teacher`` (forward), ``student`` (forward and input-gradient backward through the base,
+        plus the adapters' low-rank products), ``decoder`` (the same for the decoder's pass, plus its prompt
+        MLP and LoRA), ``total``; and ``context_tokens``, ``tokens`` (every token any pass read).
+    """
+    cfg = model.config
+    cost = base_cost(model.base_lm)
+    d, m = cfg.latent_dim, cfg.rank
+    n_layers = len(model.layout.layers)
+    kinds = model.layout.kind_shapes
+    head_io = sum(d_in + d_out for d_out, d_in in kinds)
+    d_model = cost.hidden_size
+    out: dict[str, float] = {"generator": 0.0, "teacher": 0.0, "student": 0.0, "decoder": 0.0}
+    tokens = 0.0
+
+    def generator_pass(lengths: torch.Tensor) -> float:
+        t = float(lengths.sum())
+        c = len(lengths)
+        per_token = 2.0 * d_model * d + 2.0 * d * 2 * d  # input projection, keys/values
+        attention = 4.0 * m * d * t  # scores and values
+        ff = 2.0 * 2 * cfg.ff_mult * d * d
+        self_attn = (2.0 * 4 * d * d + 4.0 * m * d) if cfg.latent_self_attention else 0.0
+        per_latent = 2.0 * 2 * d * d + ff + self_attn + 2.0 * (d // 2) * head_io
+        block = n_layers * (per_token * t + attention + c * m * per_latent)
+        return cost.forward(lengths) + 3.0 * block  # frozen base forward; block forward + backward
+
+    chunk_lengths = _lengths(inputs, "chunk_attention_mask")
+    out["generator"] += generator_pass(chunk_lengths)
+    tokens += float(chunk_lengths.sum())
+    context_tokens = float(chunk_lengths.sum())
+    if "pair_attention_mask" in inputs:
+        pair_lengths = _lengths(inputs, "pair_attention_mask")
+        out["generator"] += generator_pass(pair_lengths)
+        tokens += float(pair_lengths.sum())
+    if "answer_ids" in inputs:
+        n, answer_len = inputs["answer_ids"].shape
+        logits = n * (answer_len + 1)
+        teacher_lengths = _lengths(inputs, "teacher_attention_mask")
+        student_lengths = _lengths(inputs, "student_attention_mask")
+        out["teacher"] = cost.forward(teacher_lengths, logits)
+        slots = int(inputs["chunk_slot"].max()) + 1
+        lora = 2.0 * slots * m * sum(d_in + d_out for d_out, d_in in kinds) * n_layers
+        out["student"] = 2.0 * cost.forward(student_lengths, logits) + 3.0 * lora * float(
+            student_lengths.sum()
+        )
+        tokens += float(teacher_lengths.sum() + student_lengths.sum())
+    if "recon_ids" in inputs:
+        prompt = model.decoder.prompt_length
+        recon_lengths = _lengths(inputs, "recon_mask") + prompt
+        r, recon_len = inputs["recon_ids"].shape
+        lora_params = sum(p.numel() for p in [*model.decoder.lora_A, *model.decoder.lora_B])
+        mlp = sum(p.numel() for p in [model.decoder.proj_in.weight, model.decoder.proj_out.weight])
+        out["decoder"] = (
+            2.0 * cost.forward(recon_lengths, r * (recon_len + 1))
+            + 3.0 * 2.0 * lora_params * float(recon_lengths.sum())
+            + 3.0 * 2.0 * mlp * r * n_layers
+        )
+        tokens += float(recon_lengths.sum())
+    out["total"] = sum(out.values())
+    out["context_tokens"] = context_tokens
+    out["tokens"] = tokens
+    return out
+
+
+def batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one training step of ``model`` on ``inputs`` (methods this module knows; KeyError else)."""
+    method = getattr(getattr(model, "config", None), "method_name", None)
+    if method == "compas":
+        return compas_batch_flops(model, inputs)
+    raise KeyError(f"No FLOP count for method {method!r}.")

@@ -1,0 +1,267 @@
+"""Training for every method: a ``transformers.Trainer`` that minimises ``model.training_losses(batch)``.
+
+Accelerate, mixed precision, gradient accumulation, checkpoints, resuming, logging and progress bars all come
+from ``transformers.Trainer``. What is specific:
+
+- :class:`TrainingExampleDataset` wraps :class:`~ctx2param.training.data.TrainingExample` objects (optionally
+  adding distractor contexts, deterministically, so each example has a random number of chunks), and the
+  collator is the method's own ``model.collate_training_examples``;
+- :class:`ContextAdaptationTrainer` calls ``model.training_losses(batch)`` under the accelerator's autocast,
+  logs every loss component (averaged over the logging interval like ``loss``), optimises only the method's
+  parameters (the base model is frozen and checked to be), and loads checkpoints through the method's own
+  ``load_method_weights`` — a checkpoint holds the method's weights only (``save_pretrained`` writes no base
+  weights), plus the Trainer's optimizer, scheduler, RNG and state files, so resuming continues exactly;
+- :func:`train_method` is the one-call API.
+
+Multi-GPU note: the trainer calls ``training_losses`` on the unwrapped model, which is right on one device
+(the GPU scripts' setting); DistributedDataParallel would need the call to go through the wrapper's forward.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from ..evaluation.datasets import seeded_rng
+from .data import TrainingExample
+
+__all__ = ["ContextAdaptationTrainer", "TrainingExampleDataset", "default_training_arguments", "train_method"]
+
+
+class TrainingExampleDataset(torch.utils.data.Dataset):
+    """A map-style dataset of :class:`TrainingExample` objects (the collator is the method's own).
+
+    Args:
+        examples: the training examples.
+        max_chunks: when > 1, each question-answering example (non-empty query) gets a number of chunks
+            drawn uniformly from 1..max_chunks by a generator seeded by (seed, index): the missing ones are
+            contexts of other examples (distractors), inserted at random positions. The teacher then reads
+            all of them, the student sums all their adapters, as in SQuAD-k evaluation. Continuation
+            examples (empty query) are left as they are: a distractor would break the continuation (give
+            them several chunks with ``passages_to_examples(..., random_chunks=True)``). Examples with more
+            contexts than ``max_chunks`` keep them all.
+        seed: seed of the chunk counts and distractors; item ``i`` is the same on every access, so a resumed
+            run sees the same data.
+    """
+
+    def __init__(
+        self, examples: Sequence[TrainingExample], max_chunks: int | None = None, seed: int = 0
+    ) -> None:
+        examples = list(examples)
+        if not examples:
+            raise ValueError("No training examples: give at least one TrainingExample.")
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, TrainingExample):
+                raise TypeError(
+                    f"examples[{i}] is a {type(ex).__name__}, not a TrainingExample; turn passages into "
+                    "examples with ctx2param.training.data.to_training_examples(...)."
+                )
+        if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int)):
+            raise TypeError(f"max_chunks must be an int or None, got {type(max_chunks).__name__}.")
+        if max_chunks is not None and max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {max_chunks}.")
+        self.examples = examples
+        self.max_chunks = max_chunks
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TrainingExample:
+        ex = self.examples[index]
+        if not self.max_chunks or self.max_chunks < 2 or not ex.query or len(self.examples) < 2:
+            return ex
+        rng = seeded_rng("ctx2param/distractors", self.seed, index)
+        wanted = rng.randint(1, self.max_chunks)
+        contexts = list(ex.contexts)
+        own = set(contexts)
+        tries = 0
+        while len(contexts) < wanted and tries < 8 * self.max_chunks:
+            tries += 1
+            other = self.examples[rng.randrange(len(self.examples))]
+            candidate = other.contexts[rng.randrange(len(other.contexts))]
+            if candidate in own:
+                continue
+            own.add(candidate)
+            contexts.insert(rng.randint(0, len(contexts)), candidate)
+        if len(contexts) == len(ex.contexts):
+            return ex
+        return TrainingExample(tuple(contexts), ex.query, ex.answer, source=ex.source)
+
+
+def _method_model(model: nn.Module) -> nn.Module:
+    """The ctx2param model inside accelerate / DDP / compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class ContextAdaptationTrainer(Trainer):
+    """``transformers.Trainer`` for ctx2param methods: the loss is ``model.training_losses(batch)["loss"]``.
+
+    Takes the usual ``Trainer`` arguments; ``data_collator`` defaults to ``model.collate_training_examples``
+    and ``args.remove_unused_columns`` must be False (the batch is the method's own dict). The other keys
+    returned by ``training_losses`` (``alignment``, ``additivity``, ...) are logged next to ``loss``.
+
+    Raises:
+        ValueError: a parameter of the base model requires gradients (only the method's parameters train).
+    """
+
+    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        for attr in ("training_losses", "collate_training_examples", "method_parameters", "base_lm"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"ContextAdaptationTrainer trains ctx2param methods; {type(model).__name__} lacks {attr}."
+                )
+        trainable_base = [n for n, p in model.base_lm.named_parameters() if p.requires_grad]
+        if trainable_base:
+            raise ValueError(
+                f"{len(trainable_base)} parameters of the base model require gradients (e.g. "
+                f"{trainable_base[:2]}); the base stays frozen: call model.base_lm.requires_grad_(False)."
+            )
+        if not any(p.requires_grad for p in model.method_parameters()):
+            raise ValueError("The method has no trainable parameters (all have requires_grad=False).")
+        if args is not None and args.remove_unused_columns:
+            args.remove_unused_columns = False
+        kwargs.setdefault("data_collator", model.collate_training_examples)
+        super().__init__(model=model, args=args, **kwargs)
+        # training_losses returns a per-batch mean: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self, "loss_is_scaled_for_ga"):
+            self.loss_is_scaled_for_ga = False
+        self._component_sums: dict[str, torch.Tensor] = {}
+        self._component_count = 0
+
+    # ------------------------------------------------------------------------------------------- loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        method = _method_model(self.accelerator.unwrap_model(model))
+        with self.accelerator.autocast():
+            losses = method.training_losses(inputs)
+        if "loss" not in losses:
+            raise ValueError(f"{type(method).__name__}.training_losses must return a 'loss' entry.")
+        loss = losses["loss"]
+        if model.training:
+            for key, value in losses.items():
+                if key != "loss" and isinstance(value, torch.Tensor):
+                    value = value.detach().float()
+                    self._component_sums[key] = self._component_sums.get(key, 0) + value
+            self._component_count += 1
+        return (loss, losses) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, None, None]:
+        """Evaluation: the batch's loss only (the methods have no predictions to compare)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the mean of every loss component since the last training log to the ``loss`` entries."""
+        if "loss" in logs and self._component_count:
+            for key, total in self._component_sums.items():
+                logs[key] = round(float(total) / self._component_count, 6)
+            self._component_sums = {}
+            self._component_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Approximate training FLOPs of a batch (:mod:`ctx2param.training.flops`; 0 when unknown)."""
+        from .flops import batch_flops
+
+        try:
+            return int(batch_flops(_method_model(self.model), inputs)["total"])
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return 0
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the method's weights from a checkpoint folder (no base weights are in it or expected)."""
+        target = _method_model(self.accelerator.unwrap_model(model if model is not None else self.model))
+        target.load_method_weights(resume_from_checkpoint)
+
+
+def default_training_arguments(output_dir: str | os.PathLike, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` with ctx2param's defaults (overridable): lr 1e-4, batch 4, log every step, no
+    reporting integrations, a checkpoint every 500 steps (2 kept), cosine schedule, gradient clipping 1."""
+    defaults: dict[str, Any] = {
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-4,
+        "weight_decay": 0.0,
+        "lr_scheduler_type": "cosine",
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    defaults.update(overrides)
+    return TrainingArguments(output_dir=str(output_dir), **defaults)
+
+
+def train_method(
+    model: nn.Module,
+    examples: Sequence[TrainingExample] | torch.utils.data.Dataset,
+    output_dir: str | os.PathLike,
+    *,
+    max_chunks: int | None = None,
+    seed: int = 0,
+    eval_examples: Sequence[TrainingExample] | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list[Any] | None = None,
+    **training_args: Any,
+) -> ContextAdaptationTrainer:
+    """Train a ctx2param method on examples and save its weights to ``output_dir``; returns the trainer.
+
+    Args:
+        model: a method model (``CompAsModel.from_base(...)`` or one loaded with ``from_pretrained`` to
+            fine-tune a released generator); only its own parameters are trained.
+        examples: :class:`TrainingExample` objects (or a ready dataset).
+        output_dir: checkpoints go to ``output_dir/checkpoint-<step>``; the final weights and config to
+            ``output_dir`` itself (loadable with ``AutoModelForContextAdaptation.from_pretrained``).
+        max_chunks: see :class:`TrainingExampleDataset`.
+        seed: seed of the data's chunk counts (the Trainer's own ``seed`` is a training argument).
+        eval_examples: optional evaluation examples (their loss is reported when evaluation runs).
+        resume_from_checkpoint: a checkpoint folder, or True for the latest one in ``output_dir``.
+        callbacks: Trainer callbacks.
+        **training_args: any ``transformers.TrainingArguments`` field (``max_steps``, ``num_train_epochs``,
+            ``learning_rate``, ``per_device_train_batch_size``, ``bf16``, ``save_steps``, ...).
+
+    Example:
+        >>> trainer = train_method(model, examples, "out/", max_steps=200, learning_rate=3e-4)
+        >>> trainer.state.log_history[-1]
+    """
+    args = default_training_arguments(output_dir, **training_args)
+    if isinstance(examples, torch.utils.data.Dataset):
+        dataset = examples
+    else:
+        dataset = TrainingExampleDataset(examples, max_chunks=max_chunks, seed=seed)
+    eval_dataset = TrainingExampleDataset(eval_examples) if eval_examples else None
+    trainer = ContextAdaptationTrainer(
+        model, args, train_dataset=dataset, eval_dataset=eval_dataset, callbacks=callbacks
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if args.should_save:
+        _method_model(trainer.model).save_pretrained(args.output_dir)
+    return trainer
