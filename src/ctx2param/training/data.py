@@ -331,7 +331,10 @@ def chunk_text(text: str, tokenizer: Any, max_tokens: int) -> list[str]:
     Sentences (ends at ``.``, ``!``, ``?`` followed by whitespace, and at line breaks) are packed greedily:
     a chunk grows by whole sentences while the chunk, tokenized on its own, stays within ``max_tokens``.
     A sentence longer than that is cut on token boundaries (at the character offsets where tokens start)
-    into the longest pieces that fit; its last piece may then be packed with the next sentences.
+    into the longest pieces that fit; its last piece may then be packed with the next sentences. (Only when
+    ``max_tokens`` is so small that one token's text does not fit once stripped of its leading space is a
+    token cut at a character.) One tokenization of the whole text guides the packing, so the cost grows
+    linearly with the text.
 
     Guarantees: every chunk is non-empty, has no leading or trailing whitespace, and tokenizes (without
     special tokens) to at most ``max_tokens`` tokens; the chunks appear in ``text`` in order, and what
@@ -353,33 +356,47 @@ def chunk_text(text: str, tokenizer: Any, max_tokens: int) -> list[str]:
     max_tokens = _check_positive("max_tokens", max_tokens)
 
     def fits(start: int, end: int) -> bool:
+        """Exact test: the stripped span, tokenized on its own, has at most max_tokens tokens."""
         return _count_tokens(tokenizer, text[start:end].strip()) <= max_tokens
 
+    # One tokenization of the whole text gives cheap estimates (tokens starting inside a span), so that
+    # each chunk needs only a few exact checks: the work stays linear in the length of the text.
+    starts = _token_starts(tokenizer, text)
+
+    def estimate(start: int, end: int) -> int:
+        return bisect.bisect_left(starts, end) - bisect.bisect_left(starts, start)
+
+    ends = [end for _, end in _sentence_spans(text)]
     chunks: list[str] = []
-    current: tuple[int, int] | None = None  # the chunk being packed, as a span of text
-
-    def emit(span: tuple[int, int]) -> None:
-        piece = text[span[0] : span[1]].strip()
-        if piece:
-            chunks.append(piece)
-
-    for start, end in _sentence_spans(text):
-        if current is not None and fits(current[0], end):
-            current = (current[0], end)
+    position, i = 0, 0  # the chunk being built starts at `position`; ends[i] is its first candidate end
+    while i < len(ends):
+        if not text[position : ends[i]].strip() and i + 1 < len(ends):
+            i += 1  # a whitespace-only stretch joins the next sentence
             continue
-        if current is not None:
-            emit(current)
-            current = None
-        if fits(start, end):
-            current = (start, end)
+        # the furthest sentence end that fits: start from the estimate, then check exactly
+        j = i
+        while j + 1 < len(ends) and estimate(position, ends[j + 1]) <= max_tokens:
+            j += 1
+        while j > i and not fits(position, ends[j]):
+            j -= 1
+        if fits(position, ends[j]):
+            while j + 1 < len(ends) and fits(position, ends[j + 1]):
+                j += 1
+            piece = text[position : ends[j]].strip()
+            if piece:
+                chunks.append(piece)
+            position, i = ends[j], j + 1
             continue
-        # A sentence longer than max_tokens: cut it at token starts into the longest pieces that fit.
-        pieces = _split_long(text, start, end, tokenizer, max_tokens, fits)
-        for piece in pieces[:-1]:
-            emit(piece)
-        current = pieces[-1]
-    if current is not None:
-        emit(current)
+        # The sentence (or what is left of it) alone is longer than max_tokens: cut it at token starts
+        # into the longest pieces that fit; the last piece stays open to be packed with what follows.
+        pieces = _split_long(text, position, ends[i], tokenizer, max_tokens, fits)
+        if len(pieces) == 1:  # cannot happen (the span did not fit), but never loop on it
+            pieces.append((ends[i], ends[i]))
+        for start, end in pieces[:-1]:
+            piece = text[start:end].strip()
+            if piece:
+                chunks.append(piece)
+        position = pieces[-1][0]
     return chunks
 
 
