@@ -1,0 +1,105 @@
+"""The tests' own small context-adaptation method, and helpers to make base-model folders for it.
+
+``MeanPool``: the frozen base model's last hidden state, mean-pooled over the context's tokens, goes through
+a shared bottleneck (``Linear(d_model, bottleneck)`` + tanh) and then one linear head per target module that
+emits that module's rank-r factors. A few lines, but a real method: different contexts give different
+adapters, it has its own weights to save and load, and it runs on any causal LM (quantized ones too).
+Register it with :func:`register` (idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctx2param import (
+    ContextAdaptationConfig,
+    ContextAdaptationModel,
+    ContextAdapter,
+    LoraFactors,
+    register_method,
+    testing_utils,
+)
+
+
+class MeanPoolConfig(ContextAdaptationConfig):
+    """Config of the test method: ``bottleneck`` width and the ``init_std`` of the heads."""
+
+    model_type = "ctx2param_test_meanpool"
+    method_name = "test_meanpool"
+
+    def __init__(self, bottleneck: int = 8, init_std: float = 0.05, **kwargs: Any) -> None:
+        self.bottleneck = bottleneck
+        self.init_std = init_std
+        super().__init__(**kwargs)
+
+
+class MeanPoolModel(ContextAdaptationModel):
+    """Mean-pooled last hidden state [N, d] -> tanh(Linear) [N, b] -> per-module Linear -> A [N, r, d_in],
+    B [N, d_out, r]."""
+
+    config_class = MeanPoolConfig
+
+    def __init__(self, config: MeanPoolConfig, base_model: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__(config, base_model, tokenizer)
+        hidden = base_model.get_input_embeddings().weight.shape[1]
+        self.module_names = list(config.target_shapes)
+        self.down = nn.Linear(hidden, config.bottleneck)
+        self.heads = nn.ModuleList(
+            nn.Linear(config.bottleneck, config.rank * (d_out + d_in))
+            for d_out, d_in in config.target_shapes.values()
+        )
+        with torch.no_grad():
+            for layer in [self.down, *self.heads]:
+                layer.weight.normal_(0.0, config.init_std)
+                layer.bias.normal_(0.0, config.init_std)
+
+    def _generate_batched(self, texts: Sequence[str]) -> ContextAdapter:
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=64)
+        enc = {k: v.to(self.base_device) for k, v in enc.items()}
+        with torch.no_grad():
+            hidden = self.base_lm(**enc, output_hidden_states=True).hidden_states[-1]  # [N, T, d]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [N, d]
+        z = torch.tanh(self.down(pooled.to(self.down.weight.dtype)))  # [N, b]
+        n, r = z.shape[0], self.config.rank
+        factors = {}
+        for name, head in zip(self.module_names, self.heads, strict=True):
+            d_out, d_in = self.config.target_shapes[name]
+            flat = head(z)  # [N, r (d_in + d_out)]
+            A = flat[:, : r * d_in].reshape(n, r, d_in)
+            B = flat[:, r * d_in :].reshape(n, d_out, r)
+            factors[name] = LoraFactors(A, B, self.config.scale)
+        return ContextAdapter(
+            factors, self.config.base_model_name_or_path, self.config.base_model_revision, {"method": "test"}
+        )
+
+
+def register() -> None:
+    """Make the test method known to ctx2param and to transformers' AutoConfig (idempotent)."""
+    register_method(MeanPoolConfig, MeanPoolModel, exist_ok=True)
+
+
+def save_tiny_base(folder: str | os.PathLike, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny random causal LM and the tiny tokenizer into ``folder``; returns the folder."""
+    folder = Path(folder)
+    testing_utils.tiny_model(arch, seed=seed).save_pretrained(folder)
+    testing_utils.tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def make_generator(base: Any, arch: str = "llama", rank: int = 2, **config_kwargs: Any) -> MeanPoolModel:
+    """A fresh test generator for ``base`` (folder, id or loaded model) targeting ``arch``'s layers."""
+    register()
+    config = MeanPoolConfig(target_modules=testing_utils.TARGET_MODULES[arch], rank=rank, **config_kwargs)
+    tokenizer = testing_utils.tiny_tokenizer() if isinstance(base, nn.Module) else None
+    torch.manual_seed(0)
+    return MeanPoolModel.from_base(base, config, tokenizer=tokenizer)
