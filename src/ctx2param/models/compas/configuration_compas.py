@@ -45,6 +45,8 @@ class CompAsConfig(ContextAdaptationConfig):
         kl_temperature: temperature of the alignment KL (the KL is multiplied by T² as usual).
         additivity_pairs: most chunk pairs per batch for the additivity term.
         reconstruction_chunks: most chunks per batch the decoder is trained on.
+        max_train_chunks: most chunks per training example (contexts longer than ``chunk_tokens`` are split
+            into several; chunks beyond this are dropped, from the teacher's prompt too).
         context_separator: joins contexts in the teacher's prompt and two chunks for ``c1 ⊕ c2``.
         generation_batch_size: most chunks per batched generator pass in ``generate_adapter``.
         **kwargs: :class:`~ctx2param.ContextAdaptationConfig` fields (``rank`` defaults to 16 here,
@@ -76,6 +78,7 @@ class CompAsConfig(ContextAdaptationConfig):
         kl_temperature: float = 1.0,
         additivity_pairs: int = 4,
         reconstruction_chunks: int = 8,
+        max_train_chunks: int = 8,
         context_separator: str = "\n\n",
         generation_batch_size: int = 16,
         **kwargs: Any,
@@ -94,6 +97,7 @@ class CompAsConfig(ContextAdaptationConfig):
             "decoder_max_tokens": decoder_max_tokens,
             "additivity_pairs": additivity_pairs,
             "reconstruction_chunks": reconstruction_chunks,
+            "max_train_chunks": max_train_chunks,
             "generation_batch_size": generation_batch_size,
         }
         for name, value in positive.items():
@@ -144,6 +148,7 @@ class CompAsConfig(ContextAdaptationConfig):
         self.kl_temperature = float(kl_temperature)
         self.additivity_pairs = additivity_pairs
         self.reconstruction_chunks = reconstruction_chunks
+        self.max_train_chunks = max_train_chunks
         self.context_separator = context_separator
         self.generation_batch_size = generation_batch_size
         super().__init__(**kwargs)

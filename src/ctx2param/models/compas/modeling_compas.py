@@ -454,15 +454,6 @@ class CompAsModel(ContextAdaptationModel):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return self._content_ids(target) + ([eos] if isinstance(eos, int) else [])
 
-    def _truncate(self, text: str, max_tokens: int) -> str:
-        """``text`` cut (at a token start) to at most ``max_tokens`` content tokens."""
-        tok = self._require_tokenizer()
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) <= max_tokens:
-            return text
-        cut = enc["offset_mapping"][max_tokens][0]
-        return text[:cut].rstrip() or text[: enc["offset_mapping"][max_tokens - 1][1]]
-
     # ------------------------------------------------------------------------------ adapter generation
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[C, L, T, D]`` hidden states of the adapted layers (frozen base, no gradient)."""
@@ -655,8 +646,10 @@ class CompAsModel(ContextAdaptationModel):
     def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
         """``TrainingExample``s → one batch of tensors for :meth:`training_losses`.
 
-        Every context is one chunk, cut to ``config.chunk_tokens`` tokens (the teacher sees the same cut
-        text). Only the parts the nonzero loss weights need are built.
+        A context longer than ``config.chunk_tokens`` tokens is split as :meth:`generate_adapter` splits it
+        (each piece one chunk, whose adapters the student sums); an example keeps at most
+        ``config.max_train_chunks`` chunks (the teacher reads exactly the kept ones). Only the parts the
+        nonzero loss weights need are built.
 
         Returns:
             ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (generator input, right padded),
@@ -678,12 +671,20 @@ class CompAsModel(ContextAdaptationModel):
             contexts = getattr(ex, "contexts", None)
             if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
                 raise ValueError(f"Training example {e} has no usable contexts: {contexts!r}.")
-            cut = [self._truncate(c, cfg.chunk_tokens) for c in contexts]
-            for s, text in enumerate(cut):
-                chunk_texts.append(text)
-                chunk_example.append(e)
-                chunk_slot.append(s)
-            teacher_prompts.append(self.prompt_ids(ex.query, cut))
+            seen: list[str] = []  # the contexts as the teacher reads them (only the pieces kept)
+            slot = 0
+            for context in contexts:
+                pieces = [p for p, _ in self.split_context(context) if p.strip()]
+                pieces = pieces[: max(0, cfg.max_train_chunks - slot)]
+                if not pieces:
+                    break
+                for piece in pieces:
+                    chunk_texts.append(piece)
+                    chunk_example.append(e)
+                    chunk_slot.append(slot)
+                    slot += 1
+                seen.append(context if len(pieces) == 1 and pieces[0] == context else " ".join(pieces))
+            teacher_prompts.append(self.prompt_ids(ex.query, seen))
             student_prompts.append(self.prompt_ids(ex.query))
             answers.append(self.answer_ids(ex.query, ex.answer))
         pad = self.pad_token_id
