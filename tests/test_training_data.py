@@ -125,6 +125,11 @@ def test_jsonl_empty_and_missing_files(tmp_path: Path) -> None:
         load_jsonl(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="No records to write"):
+        save_jsonl([], tmp_path / "none.jsonl")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text('\ufeff{"text": "with a byte-order mark"}\n', encoding="utf-8")
+    assert load_jsonl(bom) == [Passage("with a byte-order mark")]
     with pytest.raises(TypeError, match="not a TrainingExample or Passage"):
         save_jsonl([{"text": "x"}], tmp_path / "bad.jsonl")  # type: ignore[list-item]
     assert not (tmp_path / "bad.jsonl").exists()
@@ -141,7 +146,7 @@ def test_training_example_validation_and_target() -> None:
         TrainingExample(("c",), "q", " ")
     assert TrainingExample(("c",), "Answer:", "yes").target() == " yes"
     assert TrainingExample(("c",), "Answer: ", "yes").target() == "yes"
-    assert TrainingExample(("c",), "", "the rest").target() == "the rest"
+    assert TrainingExample(("c",), "", "the rest").target() == " the rest"  # continues the context
 
 
 # ---------------------------------------------------------------------------------------------- chunking
@@ -254,7 +259,7 @@ def test_passage_to_example_cuts_at_token_counts(smollm2_tokenizer) -> None:
     )
     assert ex.answer == text[starts[64] : starts[96]].strip()
     assert tok.decode(encoding["input_ids"][64:96]).strip() == ex.answer
-    assert ex.target() == ex.answer
+    assert ex.target() == " " + ex.answer
     one = passage_to_example(text, tok, 64, 32, 1)
     assert one.contexts == (text[: starts[64]].strip(),) and one.answer == ex.answer
 

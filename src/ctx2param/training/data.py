@@ -17,8 +17,9 @@ wrong; :func:`save_jsonl` writes the format atomically.
 Joining query and answer
 ------------------------
 :meth:`TrainingExample.target` gives the answer as it follows the query: with a single leading space
-when the query is non-empty and does not end in whitespace (``"Question: ...\\nAnswer:"`` + ``" yes"``),
-as is. Trainers score ``target()`` after ``query``.
+unless the query ends in whitespace (``"Question: ...\\nAnswer:"`` + ``" yes"``). With an empty query
+the answer continues the contexts, after a space (``" <next part of the passage>"``), as the methods'
+``answer_ids`` also treat it. Trainers score ``target()`` after ``query``.
 
 Training-safe sources
 ---------------------
@@ -125,10 +126,13 @@ class TrainingExample:
         object.__setattr__(self, "contexts", tuple(contexts))
 
     def target(self) -> str:
-        """The answer as it follows the query (leading space when the query ends in a non-space)."""
-        if self.query and not self.query[-1].isspace():
-            return " " + self.answer
-        return self.answer
+        """The answer as it follows the query: a leading space unless the query ends in whitespace.
+
+        An empty query counts as following the contexts, so the answer gets the space too.
+        """
+        if self.query and self.query[-1].isspace():
+            return self.answer
+        return " " + self.answer
 
     def to_json(self) -> dict[str, Any]:
         """The JSONL object of this example."""
@@ -232,7 +236,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"Training data file {path} does not exist.")
     records: list[Record] = []
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("r", encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
         for line_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -259,11 +263,13 @@ def save_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
         if not isinstance(record, (TrainingExample, Passage)):
             raise TypeError(f"records[{i}] is a {type(record).__name__}, not a TrainingExample or Passage.")
         lines.append(json.dumps(record.to_json(), ensure_ascii=False))
+    if not lines:
+        raise ValueError("No records to write: save_jsonl needs at least one TrainingExample or Passage.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + ("\n" if lines else ""))
+            fh.write("\n".join(lines) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
