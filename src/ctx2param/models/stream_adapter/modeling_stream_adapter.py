@@ -547,9 +547,10 @@ class StreamAdapterModel(ContextAdaptationModel):
     def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Examples ``(contexts, query, answer)`` → one training batch of tensors.
 
-        The context items are joined by blank lines and split into chunks exactly as :meth:`generate_adapter`
-        splits text. Leading items are dropped when the context has more than ``config.max_context_chunks``
-        chunks or the teacher sequence exceeds ``config.max_teacher_tokens``.
+        The context items are joined by blank lines (by spaces for continuation examples, whose query is
+        empty) and split into chunks exactly as :meth:`generate_adapter` splits text. Leading items are
+        dropped when the context has more than ``config.max_context_chunks`` chunks or the teacher sequence
+        exceeds ``config.max_teacher_tokens``.
 
         Returns:
             ``chunk_ids``/``chunk_mask`` ``[C, Tc]`` (all chunks of all examples), ``chunk_owner`` ``[C]``
@@ -577,8 +578,9 @@ class StreamAdapterModel(ContextAdaptationModel):
             else:  # continuation: the student sees only the answer (and the tokenizer's prefix, if any)
                 student_query = tokenizer("", add_special_tokens=True)["input_ids"]
                 teacher_query = []
+            separator = "\n\n" if query else " "  # continuation contexts are consecutive spans of one text
             while True:
-                context_text = "\n\n".join(contexts)
+                context_text = separator.join(contexts)
                 context_ids = tokenizer(context_text, add_special_tokens=True)["input_ids"]
                 chunks = self.chunk(context_text)
                 too_long = len(context_ids) + len(teacher_query) + len(answer_ids) > cfg.max_teacher_tokens
@@ -678,6 +680,60 @@ class StreamAdapterModel(ContextAdaptationModel):
             input_ids=ids, attention_mask=mask, use_cache=False
         ).last_hidden_state
         return self._lm_logits(hidden[targets != IGNORE_INDEX]).float()
+
+    def training_flops(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Approximate FLOPs of one training step on a collated batch (for MFU), by part.
+
+        Conventions of :mod:`ctx2param.training.flops`: a ``[n, k] x [k, m]`` product costs ``2·n·k·m``, only
+        real tokens count, causal attention costs ``2·T²·w`` per layer; the frozen base's backward costs 1×
+        its forward (input gradients only), trainable parts cost 3× (forward + both gradients).
+
+        Returns:
+            ``generator`` (base forward over the chunks without logits, then the learned queries' attention,
+            projection, gate and heads, forward and backward), ``teacher`` (forward, logits at the answer
+            positions only), ``student`` (forward and backward through the base, plus the rank-m products),
+            ``total``; ``context_tokens`` and ``tokens`` (all tokens read by any pass).
+        """
+        from ...training.flops import base_cost  # lazy: training sits above the models
+
+        cost = base_cost(self.base_lm)
+        cfg, geo = self.config, self.geometry
+        num_layers, m, d_h = len(self.adapted_layers), cfg.rank, cfg.state_dim
+        d_attn = geo.num_heads * geo.head_dim
+        chunk_lengths = batch["chunk_mask"].sum(-1).detach().cpu()
+        chunks = len(chunk_lengths)
+        context_tokens = float(chunk_lengths.sum())
+        examples = int(batch["student_ids"].shape[0])
+        answers = int((batch["student_targets"] != IGNORE_INDEX).sum())
+        attention = 4.0 * num_layers * geo.num_heads * m * geo.head_dim * context_tokens
+        summary = chunks * num_layers * m * (2.0 * d_attn * d_h + 2.0 * 2 * d_h * d_h)  # projection + gate
+        heads = (
+            examples
+            * m
+            * sum(
+                2.0 * d_h * (k.d_out if cfg.generated_factor == "B" else k.d_in) * len(k.names)
+                for k in self.kinds
+            )
+        )
+        generator = cost.forward(chunk_lengths) + 3.0 * (attention + summary + heads)
+        teacher_lengths = batch["teacher_mask"].sum(-1).detach().cpu()
+        student_lengths = batch["student_mask"].sum(-1).detach().cpu()
+        teacher = cost.forward(teacher_lengths, answers)
+        lora = (
+            2.0
+            * m
+            * sum((k.d_in + k.d_out) * len(k.names) for k in self.kinds)
+            * float(student_lengths.sum())
+        )
+        student = 2.0 * cost.forward(student_lengths, answers) + 3.0 * lora
+        return {
+            "generator": generator,
+            "teacher": teacher,
+            "student": student,
+            "total": generator + teacher + student,
+            "context_tokens": context_tokens,
+            "tokens": context_tokens + float(teacher_lengths.sum() + student_lengths.sum()),
+        }
 
     def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``loss = kl_weight · KL(teacher ‖ student) + ce_weight · CE(student)`` on the answer tokens.
