@@ -2,7 +2,8 @@
 
 Each module of the package ``ctx2param.commands`` (``info``, ``adapt``, ``push``, ``demo``, and those that
 teammates add: ``train``, ``decode``, ``eval``) defines ``register(subparsers)``, which adds its parser and
-sets ``func`` (``args -> int | None``) on it. Modules are found with :mod:`pkgutil`, so adding a command
+sets ``func`` (``args -> int | None``) on it; a command that takes arbitrary arguments of its own (``demo``)
+also sets ``pass_extra_args=True`` and finds them in ``args.extra_args``. Modules are found with :mod:`pkgutil`, so adding a command
 touches no existing file. A module that fails to import does not break the others: its command is listed
 as unavailable and says why when run.
 
@@ -91,7 +92,10 @@ def _import_plugins(modules: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_extra_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     debug = args.debug or os.environ.get("CTX2PARAM_DEBUG", "") not in ("", "0")
     func = getattr(args, "func", None)
     if func is None:

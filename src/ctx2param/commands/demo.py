@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(see: ctx2param demo --help).",
         add_help=False,
     )
-    parser.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for the demo")
-    parser.set_defaults(func=run)
+    # everything after "demo" goes to the demo (ctx2param.cli passes unparsed arguments on as extra_args)
+    parser.set_defaults(func=run, pass_extra_args=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     entry = getattr(demo, "main", None)
     if not callable(entry):
         raise Ctx2ParamError("ctx2param.demo has no main(argv) function to run.")
-    status = entry(list(args.demo_args))
+    status = entry(list(args.extra_args))
     return 0 if status is None else int(status)
