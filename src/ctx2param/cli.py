@@ -3,9 +3,9 @@
 Each module of the package ``ctx2param.commands`` (``info``, ``adapt``, ``push``, ``demo``, and those that
 teammates add: ``train``, ``decode``, ``eval``) defines ``register(subparsers)``, which adds its parser and
 sets ``func`` (``args -> int | None``) on it; a command that takes arbitrary arguments of its own (``demo``)
-also sets ``pass_extra_args=True`` and finds them in ``args.extra_args``. Modules are found with :mod:`pkgutil`, so adding a command
-touches no existing file. A module that fails to import does not break the others: its command is listed
-as unavailable and says why when run.
+also sets ``pass_extra_args=True`` and finds them in ``args.extra_args``. Modules are found with
+:mod:`pkgutil`, so adding a command touches no existing file. A module that fails to import does not break
+the others: its command is listed as unavailable and says why when run.
 
 Errors that come from what the user asked for (:class:`~ctx2param.errors.Ctx2ParamError`, ``ValueError``,
 ``OSError``, a missing optional package) are printed as ``error: ...`` with exit status 1, without a
