@@ -468,11 +468,15 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 tensors={ADAPTER_WEIGHTS_NAME: self._tensors()},
                 jsons={ADAPTER_CONFIG_NAME: self._own_header()},
                 checksums_into=ADAPTER_CONFIG_NAME,
+                remove=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME),
             )
         if format == "peft":
             tensors, config = self._peft_files()
             return write_folder_atomically(
-                save_directory, tensors={PEFT_WEIGHTS_NAME: tensors}, jsons={PEFT_CONFIG_NAME: config}
+                save_directory,
+                tensors={PEFT_WEIGHTS_NAME: tensors},
+                jsons={PEFT_CONFIG_NAME: config},
+                remove=(ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME),
             )
         raise ValueError(f"Unknown adapter format {format!r}; use 'ctx2param' or 'peft'.")
 

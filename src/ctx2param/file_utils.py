@@ -30,6 +30,7 @@ def write_folder_atomically(
     jsons: Mapping[str, Mapping[str, Any]] | None = None,
     texts: Mapping[str, str] | None = None,
     checksums_into: str | None = None,
+    remove: tuple[str, ...] = (),
 ) -> Path:
     """Write safetensors, JSON and text files into ``directory`` so that no reader sees a half-written state.
 
@@ -42,6 +43,8 @@ def write_folder_atomically(
         jsons: ``{file name: object}`` written as indented JSON.
         texts: ``{file name: text}`` written as UTF-8.
         checksums_into: name of one of ``jsons`` that receives ``"sha256": {weight file: digest}``.
+        remove: files to delete from an existing ``directory`` once the new ones are in place (e.g. the files
+            of another format that would otherwise be read instead of the new ones).
     """
     directory = Path(directory)
     tensors, jsons, texts = dict(tensors or {}), dict(jsons or {}), dict(texts or {})
@@ -69,6 +72,9 @@ def write_folder_atomically(
             return directory
         if not directory.is_dir():
             raise NotADirectoryError(f"{directory} exists and is not a folder.")
+        for name in remove:  # first, so that no stale config points at the new weights meanwhile
+            if name not in tensors and name not in jsons and name not in texts:
+                (directory / name).unlink(missing_ok=True)
         for name in [*tensors, *texts, *jsons]:
             os.replace(tmp / name, directory / name)
         return directory
