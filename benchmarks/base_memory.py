@@ -23,6 +23,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -52,6 +53,8 @@ def _hardware() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        # timings are only comparable on an otherwise idle machine
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)

@@ -9,8 +9,10 @@ Register it with :func:`register` (idempotent).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,34 @@ def make_generator(base: Any, arch: str = "llama", rank: int = 2, **config_kwarg
     tokenizer = testing_utils.tiny_tokenizer() if isinstance(base, nn.Module) else None
     torch.manual_seed(0)
     return MeanPoolModel.from_base(base, config, tokenizer=tokenizer)
+
+
+def _clear_transformers_bitsandbytes_caches() -> None:
+    from transformers.utils import import_utils
+
+    for name, fn in vars(import_utils).items():
+        if "bitsandbytes" in name and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+
+
+@contextlib.contextmanager
+def bitsandbytes_missing() -> Iterator[None]:
+    """Within the block, ``importlib.util.find_spec`` does not find bitsandbytes, as if it were not installed.
+
+    transformers caches its ``is_bitsandbytes_available()`` answer, so the cache is cleared on entry (an
+    earlier True would hide the simulation) and on exit (a False would leak into later tests).
+    """
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            return None
+        return real_find_spec(name, package)
+
+    _clear_transformers_bitsandbytes_caches()
+    importlib.util.find_spec = find_spec
+    try:
+        yield
+    finally:
+        importlib.util.find_spec = real_find_spec
+        _clear_transformers_bitsandbytes_caches()

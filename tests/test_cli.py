@@ -4,7 +4,6 @@ registered here; the local Hub serves Hub ids) and the real ``python -m ctx2para
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -225,7 +224,7 @@ def test_adapt_compress_and_stdin(capsys, generator, gen_dir: Path, tmp_path: Pa
     torch.testing.assert_close(saved.delta_weight(name), expected.delta_weight(name), atol=1e-5, rtol=1e-4)
 
 
-def test_adapt_bad_input(capsys, gen_dir: Path, contexts, tmp_path: Path, monkeypatch) -> None:
+def test_adapt_bad_input(capsys, gen_dir: Path, contexts, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     code, _, err = run_cli(capsys, "adapt", "-m", gen_dir, "-c", tmp_path / "nope.txt", "-o", out_dir)
     assert_user_error(code, err, "nope.txt does not exist")
@@ -242,15 +241,10 @@ def test_adapt_bad_input(capsys, gen_dir: Path, contexts, tmp_path: Path, monkey
     (unknown / "config.json").write_text(json.dumps({"model_type": "ctx2param_nope"}))
     code, _, err = run_cli(capsys, "adapt", "-m", unknown, "-c", contexts[0], "-o", out_dir)
     assert_user_error(code, err, "ctx2param_nope")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name.startswith("bitsandbytes") else real_find_spec(name, *a),
-    )
-    code, _, err = run_cli(
-        capsys, "adapt", "-m", gen_dir, "-c", contexts[0], "-o", out_dir, "--quantize", "4bit"
-    )
+    with _methods.bitsandbytes_missing():
+        code, _, err = run_cli(
+            capsys, "adapt", "-m", gen_dir, "-c", contexts[0], "-o", out_dir, "--quantize", "4bit"
+        )
     assert_user_error(code, err, "bitsandbytes", "pip install")
     assert not out_dir.exists()  # nothing half-written by the failed runs
     with pytest.raises(SystemExit) as exit_info:  # a usage error: argparse, status 2

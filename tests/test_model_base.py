@@ -4,7 +4,6 @@ loading and every bad-input error. Tiny random models only; Hub ids go to the lo
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -339,25 +338,16 @@ def test_base_that_does_not_match(saved_dir: Path) -> None:
         AutoModelForContextAdaptation.from_pretrained(saved_dir, base_model=testing_utils.tiny_model("gpt2"))
 
 
-def test_quantization_without_bitsandbytes(saved_dir: Path, base_dir: Path, monkeypatch) -> None:
+def test_quantization_without_bitsandbytes(saved_dir: Path, base_dir: Path) -> None:
     quant = BitsAndBytesConfig(load_in_4bit=True)
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return (
-            None
-            if name == "bitsandbytes" or name.startswith("bitsandbytes.")
-            else real_find_spec(name, *args)
-        )
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     # the message names the missing package and how to install it (ctx2param's check or transformers')
-    with pytest.raises(ImportError, match=r"(?s)bitsandbytes.*pip install"):
-        AutoModelForContextAdaptation.from_pretrained(saved_dir, quantization_config=quant)
-    with pytest.raises(ImportError, match=r"(?s)bitsandbytes.*pip install"):
-        _methods.MeanPoolModel.from_base(
-            str(base_dir), _methods.MeanPoolConfig(target_modules=["q_proj"]), quantization_config=quant
-        )
+    with _methods.bitsandbytes_missing():
+        with pytest.raises(ImportError, match=r"(?s)bitsandbytes.*pip install"):
+            AutoModelForContextAdaptation.from_pretrained(saved_dir, quantization_config=quant)
+        with pytest.raises(ImportError, match=r"(?s)bitsandbytes.*pip install"):
+            _methods.MeanPoolModel.from_base(
+                str(base_dir), _methods.MeanPoolConfig(target_modules=["q_proj"]), quantization_config=quant
+            )
 
 
 def _remote_code_checkpoint(folder: Path, model_type: str, marker: Path) -> Path:
