@@ -123,6 +123,7 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path) -> None:
     assert (tmp_path / "c").is_dir()
 
 
+@pytest.mark.slow  # converts the GGUF (about 20 s) when the cache is empty
 def test_smollm2_path_is_a_plain_checkpoint() -> None:
     path = testing_utils.smollm2_path()
     assert testing_utils.smollm2_path() == path  # cached
