@@ -353,8 +353,7 @@ class StreamAdapterModel(ContextAdaptationModel):
         than ``config.chunk_tokens`` tokens (special tokens the tokenizer adds come on top).
 
         Returns:
-            ``input_ids`` and ``attention_mask``, both ``[len(chunks), T]`` (right padded), on the base
-            device.
+            ``input_ids`` and ``attention_mask``, both ``[len(chunks), T]`` (right padded), on the CPU.
         """
         tokenizer = self._require_tokenizer()
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -387,7 +386,7 @@ class StreamAdapterModel(ContextAdaptationModel):
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        return ids.to(self.base_device), mask.to(self.base_device)
+        return ids, mask
 
     # ------------------------------------------------------------------------------- context mapping
     def context_key_values(
@@ -428,22 +427,25 @@ class StreamAdapterModel(ContextAdaptationModel):
     def summarize(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Chunk summaries ``S [n, L, m, d_h]`` of ``n`` chunks ``input_ids [n, T]`` (differentiable in the
         method's parameters; the base runs without gradient)."""
+        input_ids = input_ids.to(self.base_device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.base_device)
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ContextError("A chunk has no real token (all padding); every chunk needs content.")
         keys, values = self.context_key_values(input_ids, attention_mask)
         n, num_layers, kv, width, hd = keys.shape
-        dtype = self.queries.dtype
-        keys = keys.to(dtype).reshape(n * num_layers, kv, width, hd)
-        values = values.to(dtype).reshape(n * num_layers, kv, width, hd)
-        queries = self.queries.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(n * num_layers, kv, -1, hd)
+        # attention in the cache's dtype (no float32 copy of a bf16 cache), the rest in the method's dtype
+        keys = keys.reshape(n * num_layers, kv, width, hd)
+        values = values.reshape(n * num_layers, kv, width, hd)
+        queries = self.queries.to(keys.dtype).unsqueeze(0).expand(n, -1, -1, -1, -1)
+        queries = queries.reshape(n * num_layers, kv, -1, hd)
         mask = attention_mask.bool()[:, None, None, None, :].expand(n, num_layers, 1, 1, width)
         mask = mask.reshape(n * num_layers, 1, 1, width)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # [n·L, kv, g·m, hd]
         m, g = self.config.rank, self.geometry.groups
         out = out.reshape(n, num_layers, kv, g, m, hd).permute(0, 1, 4, 2, 3, 5).reshape(n, num_layers, m, -1)
-        out = F.layer_norm(out, out.shape[-1:])
+        out = F.layer_norm(out.to(self.queries.dtype), out.shape[-1:])
         out = out * self.summary_norm_weight[None, :, None, :] + self.summary_norm_bias[None, :, None, :]
         return self.summary_proj(out)
 
@@ -552,6 +554,9 @@ class StreamAdapterModel(ContextAdaptationModel):
         dropped when the context has more than ``config.max_context_chunks`` chunks or the teacher sequence
         exceeds ``config.max_teacher_tokens``.
 
+        Runs on the CPU (tensors are returned on the CPU; ``training_losses`` moves them), so it can run in
+        ``DataLoader`` workers.
+
         Returns:
             ``chunk_ids``/``chunk_mask`` ``[C, Tc]`` (all chunks of all examples), ``chunk_owner`` ``[C]``
             (example index), ``chunk_step`` ``[C]`` (position in its example's stream); ``student_ids``/
@@ -629,8 +634,8 @@ class StreamAdapterModel(ContextAdaptationModel):
         return {
             "chunk_ids": chunk_ids,
             "chunk_mask": chunk_mask,
-            "chunk_owner": torch.tensor(owners, dtype=torch.long, device=chunk_ids.device),
-            "chunk_step": torch.tensor(steps, dtype=torch.long, device=chunk_ids.device),
+            "chunk_owner": torch.tensor(owners, dtype=torch.long),
+            "chunk_step": torch.tensor(steps, dtype=torch.long),
             "student_ids": student_ids,
             "student_mask": student_mask,
             "student_targets": self._pad_targets(student_targets, student_ids.shape[1]),
@@ -649,7 +654,7 @@ class StreamAdapterModel(ContextAdaptationModel):
         out = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for i, row in enumerate(rows):
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out.to(self.base_device)
+        return out
 
     def batch_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final stream states ``h [B, L, m, d_h]`` of a training batch (differentiable)."""
@@ -743,6 +748,8 @@ class StreamAdapterModel(ContextAdaptationModel):
         ΔW).
         """
         cfg = self.config
+        device = self.base_device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         adapter = self.state_to_adapter(self.batch_states(batch))
         with torch.no_grad():
             teacher = self._answer_logits(
