@@ -92,3 +92,23 @@ def test_resume_continues_exactly(full_run, tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     differs = fresh_model().method_state_dict()
     assert any(not torch.allclose(differs[k], expected[k]) for k in expected)  # training did change weights
+
+
+def test_ctx2param_train_stream_adapter_command(tmp_path, capsys):
+    from ctx2param.cli import main
+    from ctx2param.training.data import save_jsonl
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    data = save_jsonl(training_examples(), tmp_path / "train.jsonl")
+    out = tmp_path / "gen"
+    argv = ["train", "stream-adapter", "--base", str(base_dir), "--data", str(data), "--out", str(out)]
+    argv += ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--rank", "2", "--chunk-tokens", "16"]
+    argv += ["--set", "state_dim=8", "--cpu", "--logging-steps", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "training stream-adapter" in capsys.readouterr().out
+    loaded = AutoModelForContextAdaptation.from_pretrained(out)
+    assert type(loaded) is StreamAdapterModel
+    assert loaded.config.state_dim == 8 and loaded.config.rank == 2
+    assert loaded.generate_adapter(FACTS[0][0]).rank == 2
