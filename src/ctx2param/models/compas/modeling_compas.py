@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -512,18 +513,27 @@ class CompAsModel(ContextAdaptationModel):
         """``[(piece, (char start, char end))]``: the whole text if it fits in ``chunk_tokens`` tokens, else
         its pieces from ``ctx2param.training.data.chunk_text`` (sentence boundaries where possible)."""
         limit = self._check_chunk_tokens(self.config.chunk_tokens if chunk_tokens is None else chunk_tokens)
+        cache = self.__dict__.setdefault("_split_cache", OrderedDict())  # training repeats contexts (CoQA)
+        key = (text, limit, id(self.tokenizer))
+        if key in cache:
+            cache.move_to_end(key)
+            return list(cache[key])
         if len(self._content_ids(text)) <= limit:
-            return [(text, (0, len(text)))]
-        from ...training.data import chunk_text  # the project's one chunking rule
+            spans = [(text, (0, len(text)))]
+        else:
+            from ...training.data import chunk_text  # the project's one chunking rule
 
-        spans = []
-        position = 0
-        for piece in chunk_text(text, self._require_tokenizer(), limit):
-            start = text.find(piece, position)
-            if start < 0:  # cannot happen: chunk_text returns stripped slices of text, in order
-                raise ContextError("chunk_text returned a piece that is not a slice of the text.")
-            spans.append((piece, (start, start + len(piece))))
-            position = start + len(piece)
+            spans = []
+            position = 0
+            for piece in chunk_text(text, self._require_tokenizer(), limit):
+                start = text.find(piece, position)
+                if start < 0:  # cannot happen: chunk_text returns stripped slices of text, in order
+                    raise ContextError("chunk_text returned a piece that is not a slice of the text.")
+                spans.append((piece, (start, start + len(piece))))
+                position = start + len(piece)
+        cache[key] = tuple(spans)
+        if len(cache) > 4096:
+            cache.popitem(last=False)
         return spans
 
     @torch.no_grad()
