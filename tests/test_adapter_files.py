@@ -164,30 +164,25 @@ def test_saving_into_an_existing_folder_replaces_the_files(tmp_path, fmt):
     assert leftovers(tmp_path, "a") == []  # no temporary folders left behind
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: saving format='peft' into a folder that holds an earlier ctx2param-format save leaves "
-    "ctx2param_adapter.json behind, and from_pretrained prefers it, so the OLD adapter is loaded silently.",
-)
-def test_saving_peft_over_an_own_format_folder_loads_the_new_adapter(tmp_path):
+@pytest.mark.parametrize("first, second", [("ctx2param", "peft"), ("peft", "ctx2param")])
+def test_saving_one_format_over_the_other_loads_the_new_adapter(tmp_path, first, second):
+    """The other format's files go, so the folder never serves the older adapter."""
     old = ContextAdapter.random(SHAPES, rank=2, seed=0)
     new = ContextAdapter.random(SHAPES, rank=3, seed=1)
-    old.save_pretrained(tmp_path / "a")
-    new.save_pretrained(tmp_path / "a", format="peft")
+    old.save_pretrained(tmp_path / "a", format=first)
+    new.save_pretrained(tmp_path / "a", format=second)
+    own, peft = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}, {PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME}
+    assert set(os.listdir(tmp_path / "a")) == (peft if second == "peft" else own)
     assert_same_delta(ContextAdapter.from_pretrained(tmp_path / "a"), new, rtol=1e-6, atol=1e-7)
+    assert leftovers(tmp_path, "a") == []
 
 
-def test_saving_own_format_over_a_peft_folder_loads_the_new_adapter(tmp_path):
-    old = ContextAdapter.random(SHAPES, rank=2, seed=0)
-    new = ContextAdapter.random(SHAPES, rank=3, seed=1)
-    old.save_pretrained(tmp_path / "a", format="peft")
-    new.save_pretrained(tmp_path / "a")
-    assert_same_delta(ContextAdapter.from_pretrained(tmp_path / "a"), new, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("fmt", ["ctx2param", "peft"])
-def test_a_failure_during_save_leaves_the_previous_contents_intact(tmp_path, monkeypatch, fmt):
-    ContextAdapter.random(SHAPES, seed=0).save_pretrained(tmp_path / "a", format=fmt)
+@pytest.mark.parametrize(
+    "first, second",
+    [("ctx2param", "ctx2param"), ("peft", "peft"), ("ctx2param", "peft"), ("peft", "ctx2param")],
+)
+def test_a_failure_during_save_leaves_the_previous_contents_intact(tmp_path, monkeypatch, first, second):
+    ContextAdapter.random(SHAPES, seed=0).save_pretrained(tmp_path / "a", format=first)
     before = snapshot(tmp_path / "a")
 
     def broken_save_file(*args, **kwargs):
@@ -195,11 +190,11 @@ def test_a_failure_during_save_leaves_the_previous_contents_intact(tmp_path, mon
 
     monkeypatch.setattr(ctx2param.file_utils, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        ContextAdapter.random(SHAPES, rank=4, seed=1).save_pretrained(tmp_path / "a", format=fmt)
-    assert snapshot(tmp_path / "a") == before
+        ContextAdapter.random(SHAPES, rank=4, seed=1).save_pretrained(tmp_path / "a", format=second)
+    assert snapshot(tmp_path / "a") == before  # nothing replaced, nothing of the other format removed
     assert leftovers(tmp_path, "a") == []
     with pytest.raises(OSError, match="disk full"):  # a new folder is not created half-way either
-        ContextAdapter.random(SHAPES, seed=1).save_pretrained(tmp_path / "new", format=fmt)
+        ContextAdapter.random(SHAPES, seed=1).save_pretrained(tmp_path / "new", format=second)
     assert not (tmp_path / "new").exists()
     assert leftovers(tmp_path, "a") == []
     monkeypatch.undo()
