@@ -56,8 +56,10 @@ ensure_venv() {
     log "installing $TORCH_PIN (CPU wheel)"
     "${pip[@]}" install "$TORCH_PIN"
     if "$VENV/bin/python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)'; then
-        log "error: a CUDA build of torch was installed ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'));"
-        log "       install the CPU wheel first: $VENV/bin/python -m pip install --force-reinstall $TORCH_PIN"
+        log "error: pip installed a CUDA build of torch ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))."
+        log "       ctx2param is tested with the CPU wheel of $TORCH_PIN (for Python 3.11). Make that wheel"
+        log "       reachable to pip (e.g. a find-links folder) or use the Python it is built for"
+        log "       (PYTHON=python3.11), then delete $VENV and run this script again."
         exit 3
     fi
     # 2. the package with every extra, under the tested pins.
