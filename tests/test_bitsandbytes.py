@@ -259,9 +259,9 @@ def test_gradients_reach_the_factors_and_equal_the_float_reference(tiny_dir, kin
 @pytest.mark.xfail(
     condition=has_avx512_bf16(),
     strict=True,
-    reason="bitsandbytes repacks Linear4bit weights on AVX512-BF16 CPUs after a no-grad eval forward; no "
-    "gradient flows through them afterwards. ctx2param does not guard this yet (set "
-    "support_avx512bf16_for_cpu=False on 4-bit targets when attaching / loading).",
+    reason="bitsandbytes repacks Linear4bit weights on AVX512-BF16 CPUs after an eval forward whose input "
+    "needs no grad; no gradient flows through them afterwards. ctx2param does not guard this yet (set "
+    "support_avx512bf16_for_cpu=False on every Linear4bit of the model when attaching or loading).",
 )
 def test_4bit_gradients_survive_a_no_grad_forward_without_a_manual_guard(tiny_dir):
     model = load_quantized(tiny_dir, "nf4", guard=False)
