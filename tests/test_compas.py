@@ -341,3 +341,19 @@ def test_config_errors():
     zero = make(alignment_weight=0.0, ce_weight=0.0, additivity_weight=0.0, reconstruction_weight=0.0)
     with pytest.raises(ValueError, match="weight is zero"):
         zero.training_losses(zero.collate_training_examples(EXAMPLES))
+
+
+def test_training_batch_fits_the_window():
+    model = make("gpt2", chunk_tokens=200)  # GPT-2 has a hard window (512 positions here)
+    contexts = tuple(f"Passage {i}. " + LONG for i in range(4))  # ~70 tokens each with the tiny tokenizer
+    contexts = tuple(c * 3 for c in contexts)  # ~200 tokens each: four do not fit next to each other
+    batch = model.collate_training_examples(
+        [TrainingExample(contexts, "Question: Which passage?\nAnswer:", "two")]
+    )
+    assert batch["teacher_input_ids"].shape[1] <= 512
+    kept = int(batch["chunk_slot"].max()) + 1
+    assert 1 <= kept < 4
+    teacher = model.tokenizer.decode(batch["teacher_input_ids"][0])
+    assert "Passage 0." in teacher and f"Passage {kept}." not in teacher  # it reads exactly the kept chunks
+    assert batch["pair_input_ids"].shape[1] <= 512
+    assert torch.isfinite(model.training_losses(batch)["loss"])

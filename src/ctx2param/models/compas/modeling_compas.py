@@ -658,8 +658,9 @@ class CompAsModel(ContextAdaptationModel):
 
         A context longer than ``config.chunk_tokens`` tokens is split as :meth:`generate_adapter` splits it
         (each piece one chunk, whose adapters the student sums); an example keeps at most
-        ``config.max_train_chunks`` chunks (the teacher reads exactly the kept ones). Only the parts the
-        nonzero loss weights need are built.
+        ``config.max_train_chunks`` chunks, and fewer when the teacher's prompt would not fit the base
+        model's window (the teacher reads exactly the kept ones). Only the parts the nonzero loss weights need
+        are built.
 
         Returns:
             ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (generator input, right padded),
@@ -681,22 +682,31 @@ class CompAsModel(ContextAdaptationModel):
             contexts = getattr(ex, "contexts", None)
             if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
                 raise ValueError(f"Training example {e} has no usable contexts: {contexts!r}.")
-            seen: list[str] = []  # the contexts as the teacher reads them (only the pieces kept)
-            slot = 0
+            kept: list[list[str]] = []  # per context, the pieces kept (at most max_train_chunks in all)
+            room = cfg.max_train_chunks
             for context in contexts:
-                pieces = [p for p, _ in self.split_context(context) if p.strip()]
-                pieces = pieces[: max(0, cfg.max_train_chunks - slot)]
+                pieces = [p for p, _ in self.split_context(context) if p.strip()][:room]
                 if not pieces:
                     break
-                for piece in pieces:
-                    chunk_texts.append(piece)
-                    chunk_example.append(e)
-                    chunk_slot.append(slot)
-                    slot += 1
-                seen.append(context if len(pieces) == 1 and pieces[0] == context else " ".join(pieces))
-            teacher_prompts.append(self.prompt_ids(ex.query, seen))
+                kept.append(pieces)
+                room -= len(pieces)
+            answer = self.answer_ids(ex.query, ex.answer)
+            window = self.max_positions or 10**9
+            while True:  # the teacher reads exactly the kept pieces; drop trailing ones beyond the window
+                seen = [c if [c] == ps else " ".join(ps) for c, ps in zip(contexts, kept, strict=False)]
+                teacher = self.prompt_ids(ex.query, seen)
+                if len(teacher) + len(answer) <= window or sum(map(len, kept)) <= 1:
+                    break
+                kept[-1].pop()
+                if not kept[-1]:
+                    kept.pop()
+            for slot, piece in enumerate(p for ps in kept for p in ps):
+                chunk_texts.append(piece)
+                chunk_example.append(e)
+                chunk_slot.append(slot)
+            teacher_prompts.append(teacher)
             student_prompts.append(self.prompt_ids(ex.query))
-            answers.append(self.answer_ids(ex.query, ex.answer))
+            answers.append(answer)
         pad = self.pad_token_id
         ids, mask = _pad([self._encode_chunk(t) for t in chunk_texts], pad)
         batch: dict[str, torch.Tensor] = {
@@ -713,7 +723,8 @@ class CompAsModel(ContextAdaptationModel):
         if cfg.additivity_weight > 0 and len(chunk_texts) >= 2:
             pairs = self._additivity_pairs(chunk_example)
             sep = cfg.context_separator
-            joint = [self._encode_chunk(chunk_texts[i] + sep + chunk_texts[j]) for i, j in pairs]
+            window = self.max_positions or 10**9
+            joint = [self._encode_chunk(chunk_texts[i] + sep + chunk_texts[j])[:window] for i, j in pairs]
             batch["pair_input_ids"], batch["pair_attention_mask"] = _pad(joint, pad)
             batch["pair_left"] = torch.tensor([i for i, _ in pairs])
             batch["pair_right"] = torch.tensor([j for _, j in pairs])
