@@ -37,7 +37,8 @@ class StreamAdapterConfig(ContextAdaptationConfig):
         temperature: softmax temperature of the KL term (the loss is multiplied by T² as usual).
         max_context_chunks: training only: at most this many chunks of context per example (earlier
             context items are dropped first).
-        max_query_tokens / max_answer_tokens: training only: truncation of query (from the left) and answer.
+        max_query_tokens / max_answer_tokens: training only: truncation of query (from the left, also to
+            leave the teacher room for context) and answer.
         max_teacher_tokens: training only: longest teacher sequence (context + query + answer); context items
             are dropped from the front to fit.
         chunk_tokens: longest chunk that one ``stream.update`` takes, in base tokens (not counting the special

@@ -576,10 +576,16 @@ class StreamAdapterModel(ContextAdaptationModel):
             contexts, query, answer = self._example_fields(example, index)
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens]
             if query:
-                student_query = tokenizer(query, add_special_tokens=True)["input_ids"]
-                teacher_query = tokenizer("\n\n" + query, add_special_tokens=False)["input_ids"]
-                student_query = student_query[-cfg.max_query_tokens :]
-                teacher_query = teacher_query[-cfg.max_query_tokens :]
+                # keep the end of a long query (the question), leaving the teacher room for some context
+                reserve = min(cfg.chunk_tokens, cfg.max_teacher_tokens // 4) + 2
+                limit = min(cfg.max_query_tokens, cfg.max_teacher_tokens - len(answer_ids) - reserve)
+                if limit < 1:
+                    raise ContextError(
+                        f"Training example {index}: the answer ({len(answer_ids)} tokens) leaves no room for "
+                        f"query and context within max_teacher_tokens={cfg.max_teacher_tokens}."
+                    )
+                student_query = tokenizer(query, add_special_tokens=True)["input_ids"][-limit:]
+                teacher_query = tokenizer("\n\n" + query, add_special_tokens=False)["input_ids"][-limit:]
             else:  # continuation: the student sees only the answer (and the tokenizer's prefix, if any)
                 student_query = tokenizer("", add_special_tokens=True)["input_ids"]
                 teacher_query = []
