@@ -91,6 +91,9 @@ def test_only_method_parameters_train_and_components_are_logged(tmp_path):
     logs = step_losses(trainer)
     assert {"alignment", "ce", "additivity", "reconstruction"} <= set(logs[1])
     assert trainer.state.total_flos > 0  # the FLOP count of the CompAs step
+    # evaluation reports the loss on held-out examples
+    trainer.eval_dataset = TrainingExampleDataset(EXAMPLES[:2])
+    assert trainer.evaluate()["eval_loss"] > 0
     # the final weights are a loadable generator
     loaded = AutoModelForContextAdaptation.from_pretrained(tmp_path, base_model=tiny_model("llama"))
     for key, value in model.method_state_dict().items():

@@ -447,13 +447,37 @@ class CompAsModel(ContextAdaptationModel):
     def answer_ids(self, query: str, answer: str) -> list[int]:
         """Token ids of the answer as scored after :meth:`prompt_ids` (chat: the reply and end of turn)."""
         if self._use_chat(query):
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            return self._content_ids(answer.strip()) + ([eos] if isinstance(eos, int) else [])
+            return self._content_ids(answer.strip()) + self._end_of_turn_ids()
         if not query:  # continuation: the text goes on after the context
             return self._content_ids(" " + answer.strip())
         target = answer if query[-1].isspace() else " " + answer
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return self._content_ids(target) + ([eos] if isinstance(eos, int) else [])
+
+    def _end_of_turn_ids(self) -> list[int]:
+        """The token that closes an assistant turn in the chat template (``<|im_end|>``, ``<end_of_turn>``,
+        ...): the first special token the template writes after the reply; else the tokenizer's eos."""
+        cached = self.__dict__.get("_eot_ids")
+        if cached is not None:
+            return list(cached)
+        tok = self._require_tokenizer()
+        eos = getattr(tok, "eos_token_id", None)
+        ids = [eos] if isinstance(eos, int) else []
+        marker = "ctx2paramreplymarker"
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+            suffix = tok(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+            special = set(getattr(tok, "all_special_ids", []) or []) | set(self.eos_token_ids)
+            first = next((t for t in suffix if t in special or tok.convert_ids_to_tokens(t) in
+                          getattr(tok, "added_tokens_encoder", {})), None)  # fmt: skip
+            if first is not None:
+                ids = [first]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass  # templates that reject this conversation: keep eos
+        self.__dict__["_eot_ids"] = tuple(ids)
+        return ids
 
     # ------------------------------------------------------------------------------ adapter generation
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
