@@ -240,6 +240,7 @@ def train(model: CompAsModel, examples: list[Any], args: argparse.Namespace, out
         dataloader_num_workers=args.workers if use_gpu else 0,
         disable_tqdm=not sys.stderr.isatty(),
         use_cpu=not use_gpu,
+        auto_find_batch_size=use_gpu,  # halve the batch and retry on out-of-memory instead of failing
     )
     dataset = TrainingExampleDataset(examples, max_chunks=args.max_chunks, seed=args.seed)
     log_path = out / "train_log.jsonl"
