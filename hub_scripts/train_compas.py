@@ -419,8 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-steps", type=int, default=100_000, help="upper bound; the time budget stops earlier"
     )
     p.add_argument("--max-chunks", type=int, default=4)
-    p.add_argument("--context-tokens", type=int, default=192)
-    p.add_argument("--target-tokens", type=int, default=48)
+    p.add_argument("--context-tokens", type=int, default=96, help="passage continuation: context tokens")
+    p.add_argument("--target-tokens", type=int, default=32, help="passage continuation: target tokens")
     p.add_argument("--workers", type=int, default=4, help="data loader workers (GPU only)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
