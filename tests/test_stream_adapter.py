@@ -169,7 +169,7 @@ def test_batched_stream_matches_single_streams():
     assert len(batched) == 2
     for text, adapter in zip(texts, batched, strict=True):
         single = model.generate_adapter(text)
-        assert adapter.metadata["chunks"] is not None
+        assert adapter.metadata["chunks"] == single.metadata["chunks"] == len(model.chunk(text))
         for name in single:
             torch.testing.assert_close(adapter[name].A, single[name].A, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(adapter[name].B, single[name].B, rtol=1e-5, atol=1e-6)

@@ -517,7 +517,10 @@ class StreamAdapterModel(ContextAdaptationModel):
             return self.stream().extend(texts[0]).adapter()
         stream = self.stream(batch_size=len(texts))
         stream.extend(texts)
-        return stream.adapter().unbind()
+        adapters = stream.adapter().unbind()
+        for adapter, count in zip(adapters, stream.num_chunks, strict=True):
+            adapter.metadata["chunks"] = count  # each adapter's own chunk count (its metadata is a copy)
+        return adapters
 
     def _generate_batched(self, texts: Sequence[str]) -> ContextAdapter:
         stream = self.stream(batch_size=len(texts))
