@@ -861,8 +861,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # data
     parser.add_argument("--train-tasks", nargs="+", default=list(TRAIN_TASKS), choices=TRAIN_TASKS)
     parser.add_argument("--k-values", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--demo-seeds", type=int, default=2, help="demonstration draws per train example")
-    parser.add_argument("--max-per-task", type=int, default=4000)
+    parser.add_argument("--demo-seeds", type=int, default=6, help="demonstration draws per train example")
+    parser.add_argument("--max-per-task", type=int, default=8000)
     parser.add_argument("--continuation-frac", type=float, default=0.2, help="share of continuation examples")
     parser.add_argument("--context-tokens", type=int, default=384)
     parser.add_argument("--target-tokens", type=int, default=64)
