@@ -410,10 +410,11 @@ class StreamAdapterModel(ContextAdaptationModel):
             )
         cache = out.past_key_values
         keys, values = [], []
+        device = self.queries.device  # layers of a base spread over devices (device_map) meet here
         for layer in self.adapted_layers:
             k, v = _cache_layer_kv(cache, layer)
-            keys.append(k)
-            values.append(v)
+            keys.append(k.to(device))
+            values.append(v.to(device))
         keys_t, values_t = torch.stack(keys, 1), torch.stack(values, 1)
         expected = (self.geometry.num_kv_heads, input_ids.shape[1], self.geometry.head_dim)
         if tuple(keys_t.shape[2:]) != expected:
