@@ -20,6 +20,7 @@ __all__ = ["TRAIN_METHODS", "load_training_examples", "register", "run", "traini
 #: Command-line method name -> model_type of the registered method.
 TRAIN_METHODS: dict[str, str] = {
     "compas": "ctx2param_compas",
+    "dyprag": "ctx2param_dyprag",
     "stream-adapter": "ctx2param_stream_adapter",
 }
 
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         '{"contexts": [...], "query": ..., "answer": ...} or {"text": ...} lines.',
     )
     parser.add_argument(
-        "method", metavar="METHOD", help="compas, stream-adapter, or another registered method"
+        "method", metavar="METHOD", help="compas, dyprag, stream-adapter, or another registered method"
     )
     parser.add_argument(
         "--base", metavar="ID_OR_DIR", help="base causal LM (default with --init-from: its own)"

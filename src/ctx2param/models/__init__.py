@@ -1,5 +1,5 @@
 """Context-adaptation methods; importing a method package registers it."""
 
-from . import compas, stream_adapter
+from . import compas, dyprag, stream_adapter
 
-__all__ = ["compas", "stream_adapter"]
+__all__ = ["compas", "dyprag", "stream_adapter"]

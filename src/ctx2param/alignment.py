@@ -1,0 +1,495 @@
+"""Student-teacher alignment training shared by the methods that generate one adapter per context chunk.
+
+The recipe (CompAs's alignment term; DyPRAG's QA training): for an example with chunks c_1..c_n, query q
+and answer y, the *teacher* is the frozen base model with all chunks then q in its prompt, the *student* is
+the same base with Σ_i ΔW(c_i) attached and only q in its prompt; the loss is KL(teacher ‖ student) on y's
+tokens plus the student's cross-entropy on y.
+
+This module holds the method-agnostic parts, so that each method's folder depends on it (the shared base)
+and never on another method:
+
+- the loss functions :func:`alignment_kl` and :func:`masked_cross_entropy`;
+- batch helpers (:func:`pad_token_lists`, :func:`prompt_answer_batch`) and :func:`sum_chunk_adapters`
+  (per-example sums of per-chunk adapters, differentiable);
+- :class:`ChunkAlignmentMixin`: prompt and answer tokenization (chat template or plain text), splitting
+  contexts into chunks, chunked ``generate_adapter`` (pieces' adapters summed), collation of
+  ``TrainingExample`` objects and the alignment/CE losses. A method mixes it into its
+  :class:`~ctx2param.modeling_utils.ContextAdaptationModel` subclass and implements
+  :meth:`ChunkAlignmentMixin.chunk_adapters`.
+
+CompAs keeps its own copy of the prompt/collation code for now (it adds additivity and reconstruction
+batches to it); its losses come from here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ContextAdapter, LoraFactors
+from .errors import ContextError
+from .injection import apply_adapter
+
+__all__ = [
+    "ChunkAlignmentMixin",
+    "alignment_kl",
+    "masked_cross_entropy",
+    "pad_token_lists",
+    "position_ids_from_mask",
+    "prompt_answer_batch",
+    "sum_chunk_adapters",
+]
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def alignment_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher ‖ student) per answer token, averaged over the tokens of ``mask``, times ``temperature²``.
+
+    Args:
+        teacher_logits: ``[N, L, V]`` (no gradient needed).
+        student_logits: ``[N, L, V]``.
+        mask: ``[N, L]``, 1 on answer tokens.
+
+    Returns:
+        A 0-d float32 tensor (0 when the distributions agree).
+    """
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    kl = (t.exp() * (t - s)).sum(-1)  # [N, L]
+    return _masked_mean(kl, mask) * temperature**2
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [N, L, V]`` against ``targets [N, L]`` where ``mask`` is 1."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return _masked_mean(ce.view_as(targets), mask)
+
+
+# --------------------------------------------------------------------------------------------- batches
+def pad_token_lists(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to ``ids [N, T]`` and ``mask [N, T]`` (1 on real tokens)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(length - len(s), length) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: ``cumsum(mask) - 1`` (clamped at 0)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def prompt_answer_batch(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Rows ``[left pad][prompt][answer][right pad]``: every prompt ends at the same column, so the logits
+    that predict the answers are the last ``La + 1`` positions minus the final one."""
+    p_len = max(len(p) for p in prompts)
+    a_len = max(len(a) for a in answers)
+    ids = torch.full((len(prompts), p_len + a_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        row = list(p) + list(a)
+        ids[i, p_len - len(p) : p_len + len(a)] = torch.tensor(row, dtype=torch.long)
+        mask[i, p_len - len(p) : p_len + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+
+
+def sum_chunk_adapters(
+    chunks: ContextAdapter, example: torch.Tensor, slot: torch.Tensor, num_examples: int
+) -> ContextAdapter:
+    """Per-example sums Σ_i ΔW(c_i) of a batched per-chunk adapter, as one batched adapter ``[N, ...]``.
+
+    Ranks are concatenated (exact); examples with fewer chunks get zero rank blocks. Differentiable.
+
+    Args:
+        chunks: batched adapter ``[C, ...]``, one entry per chunk.
+        example, slot: ``[C]``, the example each chunk belongs to and its position there.
+        num_examples: ``N``.
+    """
+    n_max = int(slot.max().item()) + 1
+    out = {}
+    for name, f in chunks.items():
+        c, r, d_in = f.A.shape
+        d_out = f.B.shape[1]
+        a = f.A.new_zeros(num_examples, n_max, r, d_in).index_put((example, slot), f.A)
+        b = f.B.new_zeros(num_examples, n_max, d_out, r).index_put((example, slot), f.B)
+        out[name] = LoraFactors(
+            a.reshape(num_examples, n_max * r, d_in),
+            b.permute(0, 2, 1, 3).reshape(num_examples, d_out, n_max * r),
+            f.scale,
+        )
+    return ContextAdapter(out, chunks.base_model, chunks.base_revision)
+
+
+# ------------------------------------------------------------------------------------------------ mixin
+class ChunkAlignmentMixin:
+    """Tokenization, chunking, chunked ``generate_adapter``, collation and alignment losses for a method
+    that makes one adapter per context chunk and sums the chunks' adapters.
+
+    Mix it in before :class:`~ctx2param.modeling_utils.ContextAdaptationModel`. The method implements
+    :meth:`chunk_adapters` (token ids → batched adapter, differentiable in its own parameters). Its config
+    needs ``chunk_tokens``, ``context_separator``, ``max_train_chunks``, ``generation_batch_size``,
+    ``alignment_weight``, ``ce_weight`` and ``kl_temperature``.
+    """
+
+    config: Any
+    tokenizer: Any
+    base_lm: nn.Module
+
+    # ------------------------------------------------------------------------------ method hook
+    def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
+        """Method-specific: a batched adapter ``[C, ...]`` for ``C`` chunks (right padded ``[C, T]``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement chunk_adapters(ids, mask).")
+
+    # ------------------------------------------------------------------------------ base facts
+    @property
+    def max_positions(self) -> int | None:
+        """The base model's context window in tokens, when its config says."""
+        cfg = getattr(self.base_lm, "config", None)
+        if cfg is None:
+            return None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(text, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    # ------------------------------------------------------------------------------ tokenization
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"This {type(self).__name__} has no tokenizer: pass tokenizer=... to from_base / "
+                "from_pretrained."
+            )
+        return self.tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a generated text (the tokenizer's eos, and the base config's)."""
+        ids = []
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            ids.append(tok_eos)
+        cfg_eos = getattr(getattr(self.base_lm, "generation_config", None), "eos_token_id", None)
+        for value in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+    def _content_ids(self, text: str) -> list[int]:
+        return list(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_chunk(self, text: str) -> list[int]:
+        """Token ids the generator reads for one chunk (with the tokenizer's usual special tokens)."""
+        return list(self._require_tokenizer()(text, add_special_tokens=True)["input_ids"])
+
+    def _check_content(self, text: str, index: int) -> list[int]:
+        ids = self._content_ids(text)
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        if not ids or all(i in special for i in ids):
+            raise ContextError(
+                f"Context {index} consists only of special tokens ({text[:40]!r}); there is no content to "
+                "adapt to. Pass the text itself, without chat-template markers."
+            )
+        return ids
+
+    def _start_ids(self) -> list[int]:
+        """Tokens that start a plain (non-chat) prompt: the tokenizer's own prefix, else its eos/pad."""
+        tok = self._require_tokenizer()
+        with_special = tok("a", add_special_tokens=True)["input_ids"]
+        without = tok("a", add_special_tokens=False)["input_ids"]
+        prefix = (
+            list(with_special[: len(with_special) - len(without)])
+            if with_special[-len(without) :] == without
+            else []
+        )
+        if prefix:
+            return prefix
+        eos = getattr(tok, "eos_token_id", None)
+        return [eos if isinstance(eos, int) else self.pad_token_id]
+
+    def _use_chat(self, query: str) -> bool:
+        return bool(query) and bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_ids(self, query: str, contexts: Sequence[str] = ()) -> list[int]:
+        """Token ids of a prompt with ``contexts`` (the teacher; none for the student) before ``query``.
+
+        With a chat template and a non-empty query: one user turn, ``contexts`` and ``query`` joined by
+        ``config.context_separator``, then the generation prompt. Otherwise the plain format: the start
+        token(s), then the contexts (joined by a space when the query is empty: continuation) and the query.
+        """
+        tok = self._require_tokenizer()
+        sep = self.config.context_separator
+        if self._use_chat(query):
+            messages = [{"role": "user", "content": sep.join([*contexts, query])}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        body = " ".join(contexts) if not query else sep.join([*contexts, query])
+        return self._start_ids() + (self._content_ids(body) if body else [])
+
+    def answer_ids(self, query: str, answer: str) -> list[int]:
+        """Token ids of the answer as scored after :meth:`prompt_ids` (chat: the reply and end of turn)."""
+        if self._use_chat(query):
+            return self._content_ids(answer.strip()) + self._end_of_turn_ids()
+        if not query:  # continuation: the text goes on after the context
+            return self._content_ids(" " + answer.strip())
+        target = answer if query[-1].isspace() else " " + answer
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return self._content_ids(target) + ([eos] if isinstance(eos, int) else [])
+
+    def _end_of_turn_ids(self) -> list[int]:
+        """The token that closes an assistant turn in the chat template (``<|im_end|>``, ...): the first
+        special token the template writes after the reply; else the tokenizer's eos."""
+        cached = self.__dict__.get("_eot_ids")
+        if cached is not None:
+            return list(cached)
+        tok = self._require_tokenizer()
+        eos = getattr(tok, "eos_token_id", None)
+        ids = [eos] if isinstance(eos, int) else []
+        marker = "ctx2paramreplymarker"
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+            suffix = tok(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+            special = set(getattr(tok, "all_special_ids", []) or []) | set(self.eos_token_ids)
+            added = getattr(tok, "added_tokens_encoder", {})
+            first = next((t for t in suffix if t in special or tok.convert_ids_to_tokens(t) in added), None)
+            if first is not None:
+                ids = [first]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass  # templates that reject this conversation: keep eos
+        self.__dict__["_eot_ids"] = tuple(ids)
+        return ids
+
+    # ------------------------------------------------------------------------------------ chunking
+    def _check_chunk_tokens(self, chunk_tokens: Any) -> int:
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 8:
+            raise ValueError(f"chunk_tokens must be an integer >= 8, got {chunk_tokens!r}.")
+        window = self.max_positions
+        if window is not None and chunk_tokens + 2 > window:
+            raise ValueError(
+                f"chunk_tokens={chunk_tokens} exceeds the base model's window of {window} tokens; use at "
+                f"most {window - 2} (longer contexts are split into chunks and their adapters summed)."
+            )
+        return chunk_tokens
+
+    def split_context(self, text: str, chunk_tokens: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        """``[(piece, (char start, char end))]``: the whole text if it fits in ``chunk_tokens`` tokens, else
+        its pieces from ``ctx2param.training.data.chunk_text`` (sentence boundaries where possible)."""
+        limit = self._check_chunk_tokens(self.config.chunk_tokens if chunk_tokens is None else chunk_tokens)
+        cache = self.__dict__.setdefault("_split_cache", OrderedDict())
+        key = (text, limit, id(self.tokenizer))
+        if key in cache:
+            cache.move_to_end(key)
+            return list(cache[key])
+        if len(self._content_ids(text)) <= limit:
+            spans = [(text, (0, len(text)))]
+        else:
+            from .training.data import chunk_text  # the project's one chunking rule
+
+            spans = []
+            position = 0
+            for piece in chunk_text(text, self._require_tokenizer(), limit):
+                start = text.find(piece, position)
+                if start < 0:  # cannot happen: chunk_text returns stripped slices of text, in order
+                    raise ContextError("chunk_text returned a piece that is not a slice of the text.")
+                spans.append((piece, (start, start + len(piece))))
+                position = start + len(piece)
+        cache[key] = tuple(spans)
+        if len(cache) > 4096:
+            cache.popitem(last=False)
+        return spans
+
+    # ------------------------------------------------------------------------------ adapter generation
+    def _generate_batched(self, texts: Sequence[str]) -> ContextAdapter:
+        """One batched adapter (batch ``len(texts)``) for texts that each fit in a chunk."""
+        ids, mask = pad_token_lists([self._encode_chunk(t) for t in texts], self.pad_token_id)
+        return self.chunk_adapters(ids, mask)
+
+    @torch.no_grad()
+    def generate_adapter(
+        self, contexts: str | Sequence[str], chunk_tokens: int | None = None
+    ) -> ContextAdapter | list[ContextAdapter]:
+        """Adapters for one context (a string) or several (a list), in batched passes.
+
+        A context longer than ``chunk_tokens`` (default ``config.chunk_tokens``) tokens is split at
+        sentence boundaries where possible; each piece becomes an adapter and the pieces' adapters are
+        summed. ``metadata["chunking"]`` records ``num_chunks``, ``chunk_tokens``, ``char_spans`` and
+        ``token_counts``; ``metadata["method"]`` the method's name.
+
+        Raises:
+            ContextError: an empty or whitespace context, an empty list, a non-string, or a context made
+                only of special tokens.
+            ValueError: ``chunk_tokens`` below 8 or beyond the base model's window.
+        """
+        texts = self.validate_contexts(contexts)  # type: ignore[attr-defined]
+        limit = self._check_chunk_tokens(self.config.chunk_tokens if chunk_tokens is None else chunk_tokens)
+        pieces: list[str] = []
+        owners: list[int] = []
+        infos = []
+        for i, text in enumerate(texts):
+            self._check_content(text, i)
+            usable = [(p, s) for p, s in self.split_context(text, limit) if p.strip()]
+            for piece, _ in usable:
+                pieces.append(piece)
+                owners.append(i)
+            infos.append(
+                {
+                    "num_chunks": len(usable),
+                    "chunk_tokens": limit,
+                    "char_spans": [list(s) for _, s in usable],
+                    "token_counts": [len(self._content_ids(p)) for p, _ in usable],
+                }
+            )
+        step = self.config.generation_batch_size
+        singles: list[ContextAdapter] = []
+        for start in range(0, len(pieces), step):
+            singles.extend(self._generate_batched(pieces[start : start + step]).unbind())
+        results = []
+        method = getattr(self.config, "method_name", type(self).__name__)
+        for i, info in enumerate(infos):
+            own = [a for a, owner in zip(singles, owners, strict=True) if owner == i]
+            total = own[0] if len(own) == 1 else sum(own[1:], own[0])
+            results.append(
+                ContextAdapter(
+                    dict(total.items()),
+                    total.base_model,
+                    total.base_revision,
+                    metadata={"method": method, "chunking": info},
+                )
+            )
+        return results[0] if isinstance(contexts, str) else results
+
+    # ------------------------------------------------------------------------------------------ training
+    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """``TrainingExample``s → one batch of tensors for :meth:`training_losses`.
+
+        A context longer than ``config.chunk_tokens`` tokens is split as :meth:`generate_adapter` splits it;
+        an example keeps at most ``config.max_train_chunks`` chunks, and fewer when the teacher's prompt
+        would not fit the base model's window (the teacher reads exactly the kept ones).
+
+        Returns:
+            ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (right padded), ``chunk_example``/
+            ``chunk_slot`` ``[C]``; ``teacher_*`` and ``student_*`` (``input_ids``, ``attention_mask``,
+            ``position_ids``; rows ``[left pad][prompt][answer][right pad]``), ``answer_ids``/``answer_mask``
+            ``[N, La]``.
+        """
+        if not examples:
+            raise ValueError("collate_training_examples got an empty list of examples.")
+        cfg = self.config
+        chunk_texts: list[str] = []
+        chunk_example: list[int] = []
+        chunk_slot: list[int] = []
+        teacher_prompts, student_prompts, answers = [], [], []
+        window = self.max_positions or 10**9
+        for e, ex in enumerate(examples):
+            contexts = getattr(ex, "contexts", None)
+            if not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+                raise ValueError(f"Training example {e} has no usable contexts: {contexts!r}.")
+            kept: list[list[str]] = []
+            room = cfg.max_train_chunks
+            for context in contexts:
+                pieces = [p for p, _ in self.split_context(context) if p.strip()][:room]
+                if not pieces:
+                    break
+                kept.append(pieces)
+                room -= len(pieces)
+            answer = self.answer_ids(ex.query, ex.answer)
+            while True:  # the teacher reads exactly the kept pieces; drop trailing ones beyond the window
+                seen = [c if [c] == ps else " ".join(ps) for c, ps in zip(contexts, kept, strict=False)]
+                teacher = self.prompt_ids(ex.query, seen)
+                if len(teacher) + len(answer) <= window or sum(map(len, kept)) <= 1:
+                    break
+                kept[-1].pop()
+                if not kept[-1]:
+                    kept.pop()
+            for slot, piece in enumerate(p for ps in kept for p in ps):
+                chunk_texts.append(piece)
+                chunk_example.append(e)
+                chunk_slot.append(slot)
+            teacher_prompts.append(teacher)
+            student_prompts.append(self.prompt_ids(ex.query))
+            answers.append(answer)
+        pad = self.pad_token_id
+        ids, mask = pad_token_lists([self._encode_chunk(t) for t in chunk_texts], pad)
+        batch: dict[str, torch.Tensor] = {
+            "chunk_input_ids": ids,
+            "chunk_attention_mask": mask,
+            "chunk_example": torch.tensor(chunk_example),
+            "chunk_slot": torch.tensor(chunk_slot),
+        }
+        for role, prompts in (("teacher", teacher_prompts), ("student", student_prompts)):
+            for key, value in prompt_answer_batch(prompts, answers, pad).items():
+                batch[f"{role}_{key}"] = value
+        batch["answer_ids"], batch["answer_mask"] = pad_token_lists(answers, pad)
+        return batch
+
+    def answer_logits(self, batch: dict[str, torch.Tensor], role: str, answer_len: int) -> torch.Tensor:
+        """Logits ``[N, La, V]`` that predict the answer tokens of the ``role`` (teacher/student) rows."""
+        out = self.base_lm(
+            input_ids=batch[f"{role}_input_ids"],
+            attention_mask=batch[f"{role}_attention_mask"],
+            position_ids=batch[f"{role}_position_ids"],
+            use_cache=False,
+            logits_to_keep=answer_len + 1,
+        )
+        return out.logits[:, :-1]
+
+    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss`` = alignment_weight · KL(teacher ‖ student) + ce_weight · CE(student) on the answers.
+
+        Returns ``loss`` and the unweighted terms whose weight is nonzero (``alignment``, ``ce``).
+        """
+        cfg = self.config
+        if cfg.alignment_weight <= 0 and cfg.ce_weight <= 0:
+            raise ValueError("alignment_weight and ce_weight are both zero: nothing to train.")
+        device = self.base_device  # type: ignore[attr-defined]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        chunks = self.chunk_adapters(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+        n, answer_len = batch["answer_ids"].shape
+        student_adapter = sum_chunk_adapters(chunks, batch["chunk_example"], batch["chunk_slot"], n)
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
+        if cfg.alignment_weight > 0:
+            with torch.no_grad(), apply_adapter(self.base_lm, None):
+                teacher = self.answer_logits(batch, "teacher", answer_len)
+        with apply_adapter(self.base_lm, student_adapter):
+            student = self.answer_logits(batch, "student", answer_len)
+        if cfg.alignment_weight > 0:
+            losses["alignment"] = alignment_kl(teacher, student, batch["answer_mask"], cfg.kl_temperature)
+            total = total + cfg.alignment_weight * losses["alignment"]
+        if cfg.ce_weight > 0:
+            losses["ce"] = masked_cross_entropy(student, batch["answer_ids"], batch["answer_mask"])
+            total = total + cfg.ce_weight * losses["ce"]
+        return {"loss": total, **losses}
