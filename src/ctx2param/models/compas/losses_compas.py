@@ -1,43 +1,17 @@
-"""The CompAs training losses, as plain functions of logits and adapters (each testable on its own)."""
+"""The CompAs training losses, as plain functions of logits and adapters (each testable on its own).
+
+The alignment KL and the masked cross-entropy live in :mod:`ctx2param.alignment` (shared by the methods
+that align a student to a teacher) and are re-exported here.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...adapter import ContextAdapter
+from ...alignment import alignment_kl, masked_cross_entropy  # shared with other methods
 
 __all__ = ["additivity_loss", "alignment_kl", "masked_cross_entropy"]
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def alignment_kl(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(teacher ‖ student) per answer token, averaged over the tokens of ``mask``, times ``temperature²``.
-
-    Args:
-        teacher_logits: ``[N, L, V]`` (no gradient needed).
-        student_logits: ``[N, L, V]``.
-        mask: ``[N, L]``, 1 on answer tokens.
-
-    Returns:
-        A 0-d float32 tensor (0 when the distributions agree).
-    """
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    kl = (t.exp() * (t - s)).sum(-1)  # [N, L]
-    return _masked_mean(kl, mask) * temperature**2
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits [N, L, V]`` against ``targets [N, L]`` where ``mask`` is 1."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return _masked_mean(ce.view_as(targets), mask)
 
 
 def additivity_loss(
