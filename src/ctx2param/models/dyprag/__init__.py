@@ -1,5 +1,6 @@
-"""DyPRAG: a single-vector parameter translator (Tan et al., "Dynamic and Parametric Retrieval-Augmented
-Generation", arXiv 2503.23895; own reading), the prior-generator baseline."""
+"""DyPRAG: a single-vector parameter translator, the prior-generator baseline (Tan et al.,
+"Dynamic Parametric Retrieval Augmented Generation for Test-time Knowledge Enhancement",
+arXiv 2503.23895; own reading)."""
 
 from ...modeling_utils import register_method
 from .configuration_dyprag import DyPRAGConfig

@@ -10,8 +10,8 @@ __all__ = ["DyPRAGConfig"]
 
 
 class DyPRAGConfig(ContextAdaptationConfig):
-    """Configuration of a DyPRAG-style parameter translator (Tan et al., "Dynamic and Parametric
-    Retrieval-Augmented Generation", arXiv 2503.23895; this project's reading).
+    """Configuration of a DyPRAG-style parameter translator (Tan et al., "Dynamic Parametric Retrieval
+    Augmented Generation for Test-time Knowledge Enhancement", arXiv 2503.23895; this project's reading).
 
     The passage runs through the frozen base model; its hidden states at ``pooling_layer`` (default: the
     last layer) are mean-pooled over the non-padding tokens into one vector ``s``. For every target module

@@ -1,10 +1,11 @@
 """DyPRAG: a single-vector parameter translator from a passage to LoRA factors (a prior-generator baseline).
 
-After Tan et al., "Dynamic and Parametric Retrieval-Augmented Generation" (arXiv 2503.23895), in this
-project's reading. The passage runs through the frozen base model; its hidden states at
-``config.pooling_layer`` (the last layer by default) are mean-pooled over the non-padding tokens into ONE
-vector ``s [D]``. For each target module kind (the part of the module name after the layer index), a small
-MLP shared across layers, with a learned layer embedding, maps ``s`` to that kind's factors in every layer:
+After Tan et al., "Dynamic Parametric Retrieval Augmented Generation for Test-time Knowledge Enhancement"
+(arXiv 2503.23895), in this project's reading. The passage runs through the frozen base model; its hidden
+states at ``config.pooling_layer`` (the last layer by default) are mean-pooled over the non-padding tokens
+into ONE vector ``s [D]``. For each target module kind (the part of the module name after the layer index),
+a small MLP shared across layers, with a learned layer embedding, maps ``s`` to that kind's factors in every
+layer:
 
     z_ℓ = act(W_in · LayerNorm(s) + e_ℓ)        [h]
     A_ℓ = H_A(z_ℓ) / √d_in                      [r, d_in]
