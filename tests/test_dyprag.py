@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctx2param import AutoModelForContextAdaptation, ContextAdapter, DyPRAGConfig, DyPRAGModel, apply_adapter
+from ctx2param import AutoModelForContextAdaptation, ContextAdapter, apply_adapter
 from ctx2param.errors import ContextError
+from ctx2param.models.dyprag import DyPRAGConfig, DyPRAGModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
 from ctx2param.training.data import TrainingExample, save_jsonl
 from ctx2param.training.trainer import train_method
