@@ -6,14 +6,27 @@ from .configuration_utils import ContextAdaptationConfig
 from .injection import apply_adapter, attach_adapter, detach_adapter, merge_adapter, unmerge_adapter
 from .modeling_utils import ContextAdaptationModel, register_method
 
+# Importing the method packages registers them with AutoModelForContextAdaptation and transformers' Auto
+# classes (the methods depend on the shared base above, never the other way round).
+from .models.compas import CompAsConfig, CompAsModel  # noqa: E402
+from .models.dyprag import DyPRAGConfig, DyPRAGModel  # noqa: E402
+from .models.stream_adapter import AdapterStream, StreamAdapterConfig, StreamAdapterModel  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterStream",
     "AutoModelForContextAdaptation",
+    "CompAsConfig",
+    "CompAsModel",
     "ContextAdaptationConfig",
     "ContextAdaptationModel",
     "ContextAdapter",
+    "DyPRAGConfig",
+    "DyPRAGModel",
     "LoraFactors",
+    "StreamAdapterConfig",
+    "StreamAdapterModel",
     "apply_adapter",
     "attach_adapter",
     "compose",
