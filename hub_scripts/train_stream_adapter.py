@@ -481,6 +481,7 @@ def plot_curves(log_file: Path, png: Path) -> None:
         ]
         axes[0].plot(xs, smooth, label=key)
     axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
     axes[0].set_title(f"losses (moving mean over {window} steps)")
     axes[0].legend()
     axes[1].plot([r["step"] for r in records], [r.get("delta_norm", float("nan")) for r in records])
