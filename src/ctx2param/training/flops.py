@@ -19,7 +19,7 @@ from torch import nn
 
 from ..modules import module_shape
 
-__all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops"]
+__all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops", "dyprag_batch_flops"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,21 @@ def _lengths(inputs: dict[str, Any], key: str) -> torch.Tensor:
     return inputs[key].sum(-1).detach().cpu()
 
 
+def _alignment_flops(cost: BaseCost, inputs: dict[str, Any], lora_params: int) -> tuple[float, float, float]:
+    """Teacher forward, student forward + input-gradient backward (with the summed adapters' low-rank
+    products, ``lora_params`` = rank × Σ(d_in + d_out) over the adapted modules, per chunk slot), and the
+    tokens both read."""
+    n, answer_len = inputs["answer_ids"].shape
+    logits = n * (answer_len + 1)
+    teacher_lengths = _lengths(inputs, "teacher_attention_mask")
+    student_lengths = _lengths(inputs, "student_attention_mask")
+    slots = int(inputs["chunk_slot"].max()) + 1
+    lora = 2.0 * slots * lora_params
+    teacher = cost.forward(teacher_lengths, logits)
+    student = 2.0 * cost.forward(student_lengths, logits) + 3.0 * lora * float(student_lengths.sum())
+    return teacher, student, float(teacher_lengths.sum() + student_lengths.sum())
+
+
 def compas_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
     """FLOPs of one CompAs training step on a collated batch, by part, and token counts.
 
@@ -121,17 +136,8 @@ def compas_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
         out["generator"] += generator_pass(pair_lengths)
         tokens += float(pair_lengths.sum())
     if "answer_ids" in inputs:
-        n, answer_len = inputs["answer_ids"].shape
-        logits = n * (answer_len + 1)
-        teacher_lengths = _lengths(inputs, "teacher_attention_mask")
-        student_lengths = _lengths(inputs, "student_attention_mask")
-        out["teacher"] = cost.forward(teacher_lengths, logits)
-        slots = int(inputs["chunk_slot"].max()) + 1
-        lora = 2.0 * slots * m * sum(d_in + d_out for d_out, d_in in kinds) * n_layers
-        out["student"] = 2.0 * cost.forward(student_lengths, logits) + 3.0 * lora * float(
-            student_lengths.sum()
-        )
-        tokens += float(teacher_lengths.sum() + student_lengths.sum())
+        out["teacher"], out["student"], read = _alignment_flops(cost, inputs, m * head_io * n_layers)
+        tokens += read
     if "recon_ids" in inputs:
         prompt = model.decoder.prompt_length
         recon_lengths = _lengths(inputs, "recon_mask") + prompt
@@ -150,9 +156,35 @@ def compas_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def dyprag_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one DyPRAG training step: ``generator`` (frozen base forward over the chunks + the
+    translator MLP forward and backward, once per chunk), ``teacher``, ``student`` (as for CompAs),
+    ``total``, ``context_tokens`` and ``tokens``."""
+    cost = base_cost(model.base_lm)
+    chunk_lengths = _lengths(inputs, "chunk_attention_mask")
+    translator = sum(p.numel() for p in model.translator.parameters())
+    out: dict[str, float] = {
+        "generator": cost.forward(chunk_lengths) + 3.0 * 2.0 * translator * len(chunk_lengths),
+        "teacher": 0.0,
+        "student": 0.0,
+    }
+    tokens = float(chunk_lengths.sum())
+    if "answer_ids" in inputs:
+        shapes = model.config.target_shapes.values()
+        lora = model.config.rank * sum(d_in + d_out for d_out, d_in in shapes)
+        out["teacher"], out["student"], read = _alignment_flops(cost, inputs, lora)
+        tokens += read
+    out["total"] = sum(out.values())
+    out["context_tokens"] = float(chunk_lengths.sum())
+    out["tokens"] = tokens
+    return out
+
+
 def batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
     """FLOPs of one training step of ``model`` on ``inputs`` (methods this module knows; KeyError else)."""
     method = getattr(getattr(model, "config", None), "method_name", None)
     if method == "compas":
         return compas_batch_flops(model, inputs)
+    if method == "dyprag":
+        return dyprag_batch_flops(model, inputs)
     raise KeyError(f"No FLOP count for method {method!r}.")
