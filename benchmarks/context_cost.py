@@ -23,7 +23,7 @@ Also measured, per k:
 
 Timings: ``--repeats`` timed repeats after one warm-up; median and 90th percentile (nearest rank) of
 wall-clock time and of this process's CPU time. The two systems alternate within each repeat (the order flips
-every repeat). Memory is measured in one separate untimed run of each phase: on CUDA the exact
+every repeat). Memory is measured in the untimed warm-up run of each phase: on CUDA the exact
 ``torch.cuda.max_memory_allocated`` (peak reset before each phase; absolute and above what was allocated
 before the phase); on CPU torch's allocator is not tracked, so the process's resident set size is sampled
 every 2 ms (``/proc/self/statm``) and the peak minus the RSS before the phase is reported (approximate:
@@ -482,9 +482,7 @@ def bench_k(model: Any, k: int, args: argparse.Namespace, device: torch.device) 
     def run_prefill() -> None:
         prefill(model, prefill_ids, prefill_mask)
 
-    # warm-up, then memory (one untimed run of each phase), then the timed repeats
-    for fn in (run_icl, run_generate, run_answer, run_prefill):
-        fn()
+    # the warm-up run of each phase (untimed) is the one whose peak memory is measured; then the timed repeats
     memory = {
         "icl": peak_memory(run_icl, device),
         "adapter_generation": peak_memory(run_generate, device),
@@ -626,9 +624,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.questions = args.questions or (64 if cuda else 8)
-    args.batch_size = args.batch_size or args.questions
-    args.decode_tokens = args.decode_tokens or (128 if cuda else 16)
+    defaults = {"questions": 64 if cuda else 8, "decode_tokens": 128 if cuda else 16}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.batch_size is None:
+        args.batch_size = args.questions
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     for name in ("questions", "batch_size", "max_new_tokens", "decode_tokens", "repeats"):
         if getattr(args, name) < 1:
@@ -681,9 +682,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + ("passages streamed into one stream" if args.stream_mode == "stream" else "generated, summed"),
             "prefill": "base forward, no grad, use_cache=True, logits of the last position, over the "
             "generator's chunk token ids (one right-padded batch)",
-            "memory": "CUDA: torch.cuda.max_memory_allocated, reset before each phase (absolute and above "
-            "the allocation before the phase); CPU: process RSS sampled every 2 ms, peak minus RSS before "
-            "the phase (torch's CPU allocator is not tracked; approximate, glibc reuses freed memory)",
+            "memory": "measured in the warm-up run of each phase. CUDA: torch.cuda.max_memory_allocated, "
+            "reset before each phase (absolute and above the allocation before the phase); CPU: process RSS "
+            "sampled every 2 ms, peak minus RSS before the phase (torch's CPU allocator is not tracked; "
+            "approximate: glibc reuses freed memory, so later phases may show smaller deltas)",
             "break_even": "generation time / (ICL time per question - adapted answering time per question), "
             "extrapolated linearly from the measured batch; null when ICL is not slower per question",
         },
