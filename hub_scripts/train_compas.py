@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Train the CompAs generator for SmolLM2-135M-Instruct on one GPU, within a wall-clock budget, then evaluate.
 
+``--method dyprag`` trains the DyPRAG baseline (one pooled vector per passage -> MLP -> LoRA) on the same data
+with the same trainer, so the two generators are compared on equal terms.
+
 Designed for commands limited to 10 minutes: train for ``--minutes``, checkpoint, and continue in a second
 call with ``--resume`` (the Trainer restores weights, optimizer, scheduler, step and RNG)::
 
@@ -52,12 +55,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ctx2param import AutoModelForContextAdaptation, stack
 from ctx2param.models.compas import CompAsConfig, CompAsModel
+from ctx2param.models.dyprag import DyPRAGConfig, DyPRAGModel
 from ctx2param.training.flops import batch_flops
 from ctx2param.training.trainer import (
     ContextAdaptationTrainer,
     TrainingExampleDataset,
     default_training_arguments,
 )
+
+#: ``--method`` -> (config class, model class); both train on the same passage/QA mix.
+METHODS = {"compas": (CompAsConfig, CompAsModel), "dyprag": (DyPRAGConfig, DyPRAGModel)}
 
 #: Dense bf16 peak FLOP/s by GPU name (substring, first match wins).
 PEAK_BF16 = (
@@ -350,10 +357,11 @@ def evaluate_squad(model: CompAsModel, n: int, ks: list[int], batch_size: int, s
 
     model.eval()
     squad = load_squad("validation")
-    results: dict[str, Any] = {"n": n, "seed": seed, "k": {}, "samples": []}
+    method = model.config.method_name
+    results: dict[str, Any] = {"method": method, "n": n, "seed": seed, "k": {}, "samples": []}
     for k in ks:
         items = build_squad_k(squad, k, n=n, seed=seed)
-        scores = {s: {"em": 0.0, "f1": 0.0} for s in ("closed_book", "icl", "compas")}
+        scores = {s: {"em": 0.0, "f1": 0.0} for s in ("closed_book", "icl", "adapter")}
         t_adapters = 0.0
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
@@ -371,12 +379,12 @@ def evaluate_squad(model: CompAsModel, n: int, ks: list[int], batch_size: int, s
             t_adapters += time.perf_counter() - t0
             compas = _generate(model, [model.prompt_ids(q) for q in queries], adapter, 24)
             for ex, c, i, a in zip(batch, closed, icl, compas, strict=True):
-                for system, pred in (("closed_book", c), ("icl", i), ("compas", a)):
+                for system, pred in (("closed_book", c), ("icl", i), ("adapter", a)):
                     scores[system]["em"] += exact_match(pred, ex.answers)
                     scores[system]["f1"] += f1(pred, ex.answers)
                 if len(results["samples"]) < 12:
                     sample = {"k": k, "question": ex.question, "answers": list(ex.answers)}
-                    results["samples"].append({**sample, "closed_book": c, "icl": i, "compas": a})
+                    results["samples"].append({**sample, "closed_book": c, "icl": i, "adapter": a})
         results["k"][str(k)] = {
             system: {m: 100.0 * v / len(items) for m, v in s.items()} for system, s in scores.items()
         }
@@ -392,9 +400,10 @@ def evaluate_squad(model: CompAsModel, n: int, ks: list[int], batch_size: int, s
 
 def print_table(results: dict[str, Any]) -> None:
     print(f"\nSQuAD-k, {results['n']} validation questions, seed {results['seed']} (EM / F1, %)")
-    print(f"{'k':>3}  {'closed book':>14}  {'ICL':>14}  {'CompAs':>14}")
+    method = {"compas": "CompAs", "dyprag": "DyPRAG"}.get(results["method"], results["method"])
+    print(f"{'k':>3}  {'closed book':>14}  {'ICL':>14}  {method:>14}")
     for k, row in results["k"].items():
-        cells = [f"{row[s]['em']:5.1f} / {row[s]['f1']:5.1f}" for s in ("closed_book", "icl", "compas")]
+        cells = [f"{row[s]['em']:5.1f} / {row[s]['f1']:5.1f}" for s in ("closed_book", "icl", "adapter")]
         print(f"{k:>3}  " + "  ".join(f"{c:>14}" for c in cells))
 
 
@@ -403,6 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="folder of the base model (SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--method", choices=sorted(METHODS), default="compas", help="generator to train")
     p.add_argument("--minutes", type=float, default=7.0, help="training wall-clock budget of this call")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--eval-squad", type=int, default=0, metavar="N", help="evaluate on N SQuAD questions")
@@ -430,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="CompAsConfig field for a fresh generator (JSON value)",
+        help="config field of a fresh generator (CompAsConfig / DyPRAGConfig; JSON value)",
     )
     args = p.parse_args(argv)
     if args.export_data is None and (args.base is None or args.out is None):
@@ -479,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings[key] = json.loads(value)
             except json.JSONDecodeError:
                 settings[key] = value
-        model = CompAsModel.from_base(base, CompAsConfig(**settings), tokenizer=tokenizer)
+        config_class, model_class = METHODS[args.method]
+        model = model_class.from_base(base, config_class(**settings), tokenizer=tokenizer)
     log(f"model ready in {time.perf_counter() - t0:.1f}s: {model.parameter_breakdown()} on {device}")
 
     metrics_path = out / "train_metrics.json"

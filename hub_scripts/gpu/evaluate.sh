@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU call 3 of a lease: wait for the trainings that train.sh started, time the context-cost benchmark on
+# the idle GPU, then evaluate the trained generators and the closed-book / ICL baselines side by side,
+# and pack everything into $OUT (results.tgz, plus the generators' weights in bf16 as weights.tgz.part-*).
+#   bash hub_scripts/gpu/evaluate.sh [DEADLINE_SECONDS]
+set -uo pipefail
+DEADLINE="${1:-560}"
+start=$SECONDS
+source hub_scripts/gpu/env.sh
+BASE="$(base_path)"
+left() { echo $((DEADLINE - (SECONDS - start))); }
+for name in compas dyprag stream_adapter; do
+    pid=$(cat "$RUNS/$name.pid" 2>/dev/null || echo 0)
+    while kill -0 "$pid" 2>/dev/null && (($(left) > 200)); do sleep 5; done
+    echo "$name training: $(kill -0 "$pid" 2>/dev/null && echo STILL RUNNING || echo ended) at $((SECONDS - start)) s"
+    tail -n 3 "$RUNS/$name.log" | cut -c1-400
+done
+if [[ -f benchmarks/context_cost.py ]]; then
+    timeout 150 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 \
+        --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
+    echo "context_cost rc=$? ($((SECONDS - start)) s)"; tail -n 15 "$RUNS/context_cost.log"
+fi
+bg() {  # name, command... (bounded by the deadline)
+    local name="$1"
+    shift
+    timeout "$(($(left) - 40))" "$@" >"$RUNS/$name.log" 2>&1 &
+    echo "started $name"
+}
+EVAL=(python3 -m ctx2param eval --device cuda --dtype bfloat16 --no-progress --seed 0)
+bg eval_compas python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/compas" --eval-only \
+    --eval-squad 200 --eval-batch-size 50
+bg eval_dyprag python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/dyprag" --eval-only \
+    --eval-squad 200 --eval-batch-size 50
+bg eval_stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
+    --eval-only --eval 300
+bg squad_k "${EVAL[@]}" --model "$BASE" --task squad-k --k 1,2,4,8,16,32,64 --n 1000 --systems closed,icl \
+    --batch-size 64 --out "$RESULTS/baseline_squad_k"
+for task in arc-easy-k arc-challenge-k mmlu-k; do
+    bg "$task" "${EVAL[@]}" --model "$BASE" --task "$task" --k 0,1,5,25 --systems closed,icl \
+        --out "$RESULTS/baseline_$task"
+done
+wait
+for f in "$RUNS"/eval_*.log "$RUNS"/squad_k.log "$RUNS"/*-k.log; do echo "== $f"; tail -n 12 "$f" | cut -c1-300; done
+for name in compas dyprag stream_adapter; do
+    mkdir -p "$RESULTS/$name"
+    cp "$RUNS/$name"/*.json "$RUNS/$name"/*.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null
+    cp "$RUNS/$name.log" "$RESULTS/$name/train_stdout.log" 2>/dev/null
+done
+cp "$RUNS"/*.log "$RESULTS/" 2>/dev/null
+tar czf "$OUT/results.tgz" -C /tmp results
+python3 - <<'PY'
+import os
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+runs, dest = Path(os.environ["RUNS"]), Path("/tmp/weights")
+for name in ("compas", "dyprag", "stream_adapter"):
+    src = runs / name
+    if not (src / "model.safetensors").is_file():
+        continue
+    (dest / name).mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(src / "model.safetensors").items()}
+    save_file(tensors, dest / name / "model.safetensors.bf16", metadata={"format": "pt"})
+    for f in src.glob("*.json"):
+        (dest / name / f.name).write_bytes(f.read_bytes())
+PY
+tar czf /tmp/weights.tgz -C /tmp weights && split -b 15M /tmp/weights.tgz "$OUT/weights.tgz.part-"
+python3 hub_scripts/gpu/summary.py "$RESULTS"
+ls -la "$OUT"
+echo "total $((SECONDS - start)) s"

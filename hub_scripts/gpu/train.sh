@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU call 2 of a lease: stage the model (stage2.sh), measure the base's weight memory, then start the
+# CompAs, DyPRAG and StreamAdapter trainings side by side on the one GPU (setsid: they outlive this call
+# while the machine stays warm) and watch them until this call's time is nearly up.
+#   bash hub_scripts/gpu/train.sh MINUTES [WATCH_SECONDS]
+#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz
+set -euo pipefail
+MINUTES="${1:-10.2}"
+WATCH="${2:-540}"
+start=$SECONDS
+bash hub_scripts/gpu/stage2.sh
+source hub_scripts/gpu/env.sh
+BASE="$(base_path)"
+gunzip -c runs/compas_data.jsonl.gz >"$RUNS/compas_data.jsonl"
+python3 benchmarks/base_memory.py --devices cuda --out "$RESULTS/base_memory_cuda.json" 2>&1 | tail -12
+launch() {  # name, command...
+    local name="$1"
+    shift
+    setsid nohup "$@" >"$RUNS/$name.log" 2>&1 </dev/null &
+    echo $! >"$RUNS/$name.pid"
+    echo "started $name (pid $!)"
+}
+launch compas python3 hub_scripts/train_compas.py --base "$BASE" --data "$RUNS/compas_data.jsonl" \
+    --out "$RUNS/compas" --minutes "$MINUTES" --batch-size 32 --workers 3
+launch dyprag python3 hub_scripts/train_compas.py --method dyprag --base "$BASE" --data "$RUNS/compas_data.jsonl" \
+    --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3
+launch stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
+    --minutes "$MINUTES" --total-minutes "$MINUTES" --workers 5
+while ((SECONDS - start < WATCH)); do
+    sleep 45
+    echo "--- $((SECONDS - start)) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+    for name in compas dyprag stream_adapter; do
+        alive=$(kill -0 "$(cat "$RUNS/$name.pid")" 2>/dev/null && echo running || echo ended)
+        echo "$name [$alive]: $(tail -c 300 "$RUNS/$name.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -1 | cut -c1-200)"
+    done
+done
