@@ -9,6 +9,10 @@ start=$SECONDS
 source hub_scripts/gpu/env.sh
 BASE="$(base_path)"
 left() { echo $((DEADLINE - (SECONDS - start))); }
+# the base's weight memory (bf16 / 8-bit / 4-bit) while the trainings finish: memory, not time, is measured
+timeout 120 python3 benchmarks/base_memory.py --devices cuda --out "$RESULTS/base_memory_cuda.json" \
+    >"$RUNS/base_memory.log" 2>&1
+echo "base_memory rc=$?"; tail -n 8 "$RUNS/base_memory.log" | cut -c1-300
 for name in compas dyprag stream_adapter; do
     pid=$(cat "$RUNS/$name.pid" 2>/dev/null || echo 0)
     while kill -0 "$pid" 2>/dev/null && (($(left) > 200)); do sleep 5; done

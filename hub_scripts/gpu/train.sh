@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call 2 of a lease: stage the model (stage2.sh), measure the base's weight memory, then start the
+# GPU call 2 of a lease: stage the model (stage2.sh), then start the
 # CompAs, DyPRAG and StreamAdapter trainings side by side on the one GPU (setsid: they outlive this call
 # while the machine stays warm) and watch them until this call's time is nearly up.
 #   bash hub_scripts/gpu/train.sh MINUTES [WATCH_SECONDS]
@@ -12,7 +12,6 @@ bash hub_scripts/gpu/stage2.sh
 source hub_scripts/gpu/env.sh
 BASE="$(base_path)"
 gunzip -c runs/compas_data.jsonl.gz >"$RUNS/compas_data.jsonl"
-python3 benchmarks/base_memory.py --devices cuda --out "$RESULTS/base_memory_cuda.json" 2>&1 | tail -12
 launch() {  # name, command...
     local name="$1"
     shift
