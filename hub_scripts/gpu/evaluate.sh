@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU call 3 of a lease: wait for the trainings that train.sh started, time the context-cost benchmark on
-# the idle GPU, then evaluate the trained generators and the closed-book / ICL baselines side by side,
-# and pack everything into $OUT (results.tgz, plus the generators' weights in bf16 as weights.tgz.part-*).
+# GPU call 3 of a lease: measure the base's weight memory, wait for the trainings that train.sh started,
+# time the context-cost benchmark, evaluate the trained generators side by side, wait for the baselines
+# that train.sh started, and pack everything into $OUT (results.tgz, plus the generators' weights in bf16 as weights.tgz.part-*).
 #   bash hub_scripts/gpu/evaluate.sh [DEADLINE_SECONDS]
 set -uo pipefail
 DEADLINE="${1:-560}"
@@ -20,8 +20,8 @@ for name in compas dyprag stream_adapter; do
     tail -n 3 "$RUNS/$name.log" | cut -c1-400
 done
 if [[ -f benchmarks/context_cost.py ]]; then
-    timeout 150 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 \
-        --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
+    timeout 150 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 --base "$BASE" \
+        --k 1,4,16 --questions 64 --repeats 3 --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
     echo "context_cost rc=$? ($((SECONDS - start)) s)"; tail -n 15 "$RUNS/context_cost.log"
 fi
 bg() {  # name, command... (bounded by the deadline)
@@ -37,14 +37,13 @@ bg eval_dyprag python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/d
     --eval-squad 200 --eval-batch-size 50
 bg eval_stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
     --eval-only --eval 300
-bg squad_k "${EVAL[@]}" --model "$BASE" --task squad-k --k 1,2,4,8,16,32,64 --n 1000 --systems closed,icl \
-    --batch-size 64 --out "$RESULTS/baseline_squad_k"
-for task in arc-easy-k arc-challenge-k mmlu-k; do
-    bg "$task" "${EVAL[@]}" --model "$BASE" --task "$task" --k 0,1,5,25 --systems closed,icl \
-        --out "$RESULTS/baseline_$task"
-done
 wait
-for f in "$RUNS"/eval_*.log "$RUNS"/squad_k.log "$RUNS"/*-k.log; do echo "== $f"; tail -n 12 "$f" | cut -c1-300; done
+for name in baseline_squad_k baseline_arc-easy-k baseline_arc-challenge-k baseline_mmlu-k; do
+    pid=$(cat "$RUNS/$name.pid" 2>/dev/null || echo 0)
+    while kill -0 "$pid" 2>/dev/null && (($(left) > 45)); do sleep 5; done
+    echo "$name: $(kill -0 "$pid" 2>/dev/null && echo STILL RUNNING || echo ended) at $((SECONDS - start)) s"
+done
+for f in "$RUNS"/eval_*.log "$RUNS"/baseline_*.log; do echo "== $f"; tail -n 12 "$f" | cut -c1-300; done
 for name in compas dyprag stream_adapter; do
     mkdir -p "$RESULTS/$name"
     cp "$RUNS/$name"/*.json "$RUNS/$name"/*.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null

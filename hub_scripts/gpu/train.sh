@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU call 2 of a lease: stage the model (stage2.sh), then start the
-# CompAs, DyPRAG and StreamAdapter trainings side by side on the one GPU (setsid: they outlive this call
-# while the machine stays warm) and watch them until this call's time is nearly up.
+# CompAs, DyPRAG and StreamAdapter trainings side by side on the one GPU, with the closed-book / ICL
+# baselines of the base model beside them (setsid: they outlive this call while the machine stays warm),
+# and watch them until this call's time is nearly up.
 #   bash hub_scripts/gpu/train.sh MINUTES [WATCH_SECONDS]
 #   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz
 set -euo pipefail
@@ -25,10 +26,19 @@ launch dyprag python3 hub_scripts/train_compas.py --method dyprag --base "$BASE"
     --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3
 launch stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
     --minutes "$MINUTES" --total-minutes "$MINUTES" --workers 5
+# closed-book / ICL baselines of the base model (inference only), in the background beside the trainings
+EVAL=(python3 -m ctx2param eval --device cuda --dtype bfloat16 --no-progress --seed 0 --model "$BASE")
+launch baseline_squad_k timeout 1200 "${EVAL[@]}" --task squad-k --k 1,2,4,8,16,32,64 --n 1000 \
+    --systems closed,icl --batch-size 64 --out "$RESULTS/baseline_squad_k"
+for task in arc-easy-k arc-challenge-k mmlu-k; do
+    launch "baseline_$task" timeout 1200 "${EVAL[@]}" --task "$task" --k 0,1,5,25 --systems closed,icl \
+        --out "$RESULTS/baseline_$task"
+done
 while ((SECONDS - start < WATCH)); do
     sleep 45
     echo "--- $((SECONDS - start)) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
-    for name in compas dyprag stream_adapter; do
+    for name in compas dyprag stream_adapter baseline_squad_k baseline_arc-easy-k baseline_arc-challenge-k \
+        baseline_mmlu-k; do
         alive=$(kill -0 "$(cat "$RUNS/$name.pid")" 2>/dev/null && echo running || echo ended)
         echo "$name [$alive]: $(tail -c 300 "$RUNS/$name.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -1 | cut -c1-200)"
     done
