@@ -21,6 +21,7 @@ from ctx2param.evaluation import (
     add_to_card_data,
     build_items,
     choice_logprobs,
+    generate_answers,
     results_to_markdown,
     run_evaluation,
 )
@@ -143,6 +144,31 @@ def test_choice_logprobs_match_a_direct_forward():
                 assert shared[i][j][0] == pytest.approx(expected, abs=1e-4)
                 assert full[i][j][0] == pytest.approx(expected, abs=1e-4)
     assert shared[0][0][0] != choice_logprobs(lm, prompts, choices, model.pad_id)[0][0][0]  # the adapter acts
+
+
+def test_greedy_loop_matches_generate():
+    from ctx2param.evaluation.runner import _greedy, _left_pad
+
+    lm, tok = tiny_model("llama"), tiny_tokenizer()
+    model = EvalModel(lm, tok)
+    prompts = model.prompt_ids(
+        ["Question: Who wrote the report?\nAnswer:", "Q?"], [["The secret is Marigold."], []]
+    )
+    ids, mask = _left_pad(prompts, model.pad_id, torch.device("cpu"))
+    adapter = stack([ContextAdapter.random(lm, rank=2, seed=s, std=0.3) for s in (1, 2)])
+    for batched in (None, adapter):
+        with model_adapted(lm, batched), torch.no_grad():
+            reference = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=model.pad_id,
+            )[:, ids.shape[1] :].tolist()
+            ours = _greedy(lm, ids, mask, model.pad_id, [], 8)
+        assert ours == reference and len(ours[0]) == 8
+    texts = generate_answers(lm, tok, prompts, model.pad_id, model.eos_ids, 8)
+    assert texts == generate_answers(lm, tok, prompts, model.pad_id, model.eos_ids, 8, use_generate=True)
 
 
 def model_adapted(lm, adapter):

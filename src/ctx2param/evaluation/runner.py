@@ -530,29 +530,74 @@ def generate_answers(
     eos_ids: Sequence[int],
     max_new_tokens: int,
     adapter: ContextAdapter | None = None,
+    use_generate: bool = False,
 ) -> list[str]:
-    """Greedy answers to a batch of prompts (left padded, one ``generate`` call); the first line of each.
+    """Greedy answers to a batch of prompts (left padded); the first non-empty line of each.
+
+    The default is a lean greedy loop over the key/value cache (one prefill, then one forward per token,
+    explicit position ids; it stops when every row has emitted an end token): the same tokens as
+    ``lm.generate(do_sample=False)`` without its per-step overhead. ``use_generate=True`` calls
+    ``lm.generate`` instead (the reference).
 
     Args:
         prompts: ``N`` prompts (token ids).
+        eos_ids: tokens that end an answer.
         adapter: a batched adapter of ``N`` examples, one single adapter, or None.
     """
     device = lm.get_input_embeddings().weight.device
     ids, mask = _left_pad(prompts, pad_id, device)
     with _autocast(device), apply_adapter(lm, adapter):
-        out = lm.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad_id,
-            eos_token_id=list(eos_ids) or None,
-        )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        if use_generate:
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad_id,
+                eos_token_id=list(eos_ids) or None,
+            )
+            rows = out[:, ids.shape[1] :].tolist()
+        else:
+            rows = _greedy(lm, ids, mask, pad_id, eos_ids, max_new_tokens)
+    stop = set(eos_ids)
+    cut = [row[: next((i for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
+    texts = tokenizer.batch_decode(cut, skip_special_tokens=True)
     return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+def _greedy(
+    lm: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """Greedy tokens ``[N][<= max_new_tokens]`` after left-padded ``ids [N, T]`` / ``mask [N, T]``."""
+    device = ids.device
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(lm, True, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    position = positions[:, -1:]
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        finished |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1 or (step % 4 == 3 and bool(finished.all())):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = position + 1
+        out = _forward(
+            lm, True, input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+            past_key_values=out.past_key_values, use_cache=True,
+        )  # fmt: skip
+    return torch.stack(tokens, 1).tolist()
 
 
 # --------------------------------------------------------------------------------------------- batching
