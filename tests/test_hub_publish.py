@@ -412,11 +412,9 @@ def test_offline_mode_uses_the_cache_and_names_what_is_missing(generator, offlin
     assert kind == "PublishError" and "HF_HUB_OFFLINE" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling_utils.load_base_model passes transformers' OSError on, which does not name the base "
-    "model; the wrapping that names it is requested from the lead (see the hub/CLI report)",
-)
 def test_offline_mode_names_a_missing_base(offline_run: dict) -> None:
+    """A cached generator whose base was never downloaded: the error names the base and the offline flag."""
     kind, message = offline_run["missing_base"]
-    assert offline_run["orphan_base"] in message, message
+    assert kind == "BaseModelError", (kind, message)
+    assert offline_run["orphan_base"] in message and "HF_HUB_OFFLINE=1" in message, message
+    assert "base_model=" in message  # says what to do

@@ -319,6 +319,17 @@ def test_config_without_base_or_folder_without_config(saved_dir: Path, tmp_path:
         AutoModelForContextAdaptation.from_pretrained(tmp_path / "empty")
 
 
+def test_base_that_cannot_be_loaded_is_named(saved_dir: Path, tmp_path: Path) -> None:
+    """A base that is neither a model folder nor reachable: the error names it and says what to do."""
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    for base, hint in ((empty, "does not hold a loadable causal LM"), (tmp_path / "absent", "base_model=")):
+        with pytest.raises(mu.BaseModelError, match="Cannot load the base model") as info:
+            AutoModelForContextAdaptation.from_pretrained(saved_dir, base_model=str(base))
+        assert str(base) in str(info.value) and hint in str(info.value)
+        assert isinstance(info.value, OSError)  # callers catching OSError keep working
+
+
 def test_base_that_does_not_match(saved_dir: Path) -> None:
     narrow = LlamaForCausalLM(
         LlamaConfig(

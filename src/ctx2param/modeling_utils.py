@@ -36,6 +36,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BASE_PREFIX = "base_lm."
 
 __all__ = [
+    "BaseModelError",
     "CheckpointError",
     "ContextAdaptationModel",
     "UnknownMethodError",
@@ -50,6 +51,10 @@ class UnknownMethodError(Ctx2ParamError, ValueError):
 
 class CheckpointError(Ctx2ParamError, OSError):
     """A generator checkpoint is missing files, is corrupted, or cannot be fetched."""
+
+
+class BaseModelError(CheckpointError):
+    """The base model a generator adapts cannot be loaded (not a folder, not cached, not reachable)."""
 
 
 _METHODS: dict[str, tuple[type[ContextAdaptationConfig], type[ContextAdaptationModel]]] = {}
@@ -109,6 +114,26 @@ def _check_quantization_available(quantization_config: Any) -> None:
         )
 
 
+def _base_load_message(base: str | os.PathLike, revision: str | None, err: OSError) -> str:
+    from huggingface_hub import constants
+
+    where = f"{str(base)!r}" + (f" (revision {revision!r})" if revision else "")
+    if Path(base).expanduser().exists():
+        hint = "The folder exists but does not hold a loadable causal LM (config.json and weights)."
+    elif constants.HF_HUB_OFFLINE:
+        hint = (
+            "It is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+            "downloading it: download it once while online, or pass base_model=... (a Hub id, a folder or a "
+            "loaded model)."
+        )
+    else:
+        hint = (
+            "It is not a local folder, and the Hub did not serve it (check the id, the revision, your token "
+            "and the network), or pass base_model=... (a Hub id, a folder or a loaded model)."
+        )
+    return f"Cannot load the base model {where}: {hint} ({type(err).__name__}: {err})"
+
+
 def load_base_model(
     base: str | os.PathLike | nn.Module,
     *,
@@ -139,7 +164,14 @@ def load_base_model(
         ):
             if value is not None:
                 load_kwargs[key] = value
-        model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
+        except OSError as err:
+            raise BaseModelError(_base_load_message(base, revision, err)) from err
+        except ValueError as err:  # a folder that holds no model: transformers says "Unrecognized model"
+            if not Path(base).expanduser().is_dir():
+                raise
+            raise BaseModelError(_base_load_message(base, revision, err)) from err
     model.requires_grad_(False)
     return model.eval()
 
