@@ -9,8 +9,9 @@ time the layer runs in eval mode on an input that does not require grad (a ``tor
 the first layer of a frozen model), and from then on it computes in a bfloat16 kernel (errors ~1e-2) and
 passes no gradient to its input: gradients of adapter factors of earlier layers become silently wrong. Setting
 ``layer.support_avx512bf16_for_cpu = False`` before the first forward (:func:`keep_4bit_exact`) avoids it
-(training mode does too). ``test_4bit_gradients_survive_a_no_grad_forward_without_a_manual_guard`` is the
-library-level check and is expected to fail until ``attach_adapter``/model loading applies that guard.
+(training mode does too). ``attach_adapter`` and ctx2param's base loader apply that guard themselves
+(``ctx2param.injection.keep_4bit_exact``): the ``..._without_a_manual_guard`` tests check it on a model that
+the test did not guard.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from ctx2param import ContextAdapter, apply_adapter, merge_adapter, stack, unmerge_adapter
 from ctx2param.adapter import LoraFactors
 from ctx2param.errors import QuantizedMergeError
+from ctx2param.injection import keep_4bit_exact as keep_4bit_exact_library
 from ctx2param.modules import is_quantized_module
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model
 
@@ -256,23 +258,59 @@ def test_gradients_reach_the_factors_and_equal_the_float_reference(tiny_dir, kin
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.xfail(
-    condition=has_avx512_bf16(),
-    strict=True,
-    reason="bitsandbytes repacks Linear4bit weights on AVX512-BF16 CPUs after an eval forward whose input "
-    "needs no grad; no gradient flows through them afterwards. ctx2param does not guard this yet (set "
-    "support_avx512bf16_for_cpu=False on every Linear4bit of the model when attaching or loading).",
-)
 def test_4bit_gradients_survive_a_no_grad_forward_without_a_manual_guard(tiny_dir):
+    """attach_adapter guards every Linear4bit itself: an evaluation forward under no_grad (which repacks the
+    weights on AVX512-BF16 CPUs when unguarded) leaves later gradients exact."""
     model = load_quantized(tiny_dir, "nf4", guard=False)
     ref = float_reference(tiny_dir, model)
     adapter = random_adapter(model)
     ids = ids_for()
     with apply_adapter(model, adapter):
         logits(model, ids)  # e.g. an evaluation step before training
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     got, want = factor_grads(model, adapter, ids), factor_grads(ref, adapter, ids)
     worst = max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in got)
     assert worst <= 1e-3, f"gradients off by up to {worst:.0%} of their size"
+
+
+@pytest.mark.skipif(
+    not has_avx512_bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs"
+)
+def test_4bit_weights_repacked_before_attaching_are_named_and_can_be_unpacked(tiny_dir, caplog):
+    """A model that ran a no-grad forward before any adapter was attached (so bitsandbytes repacked its
+    weights): attaching leaves the base as it computes (detach restores it exactly) and warns;
+    keep_4bit_exact unpacks the weights, after which every factor gets a non-zero gradient."""
+    model = load_quantized(tiny_dir, "nf4", guard=False)
+    ids = ids_for()
+    base = logits(model, ids)  # repacks every Linear4bit
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    with (
+        caplog.at_level(logging.WARNING, logger="ctx2param.injection"),
+        apply_adapter(model, random_adapter(model)),
+    ):
+        pass
+    assert f"{len(layers)} bitsandbytes 4-bit layers" in caplog.text and "keep_4bit_exact" in caplog.text
+    assert torch.equal(logits(model, ids), base)
+    assert keep_4bit_exact_library(model) == 0
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    grads = factor_grads(model, random_adapter(model), ids)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_the_base_loader_guards_4bit_layers(tiny_dir):
+    from ctx2param.modeling_utils import load_base_model
+
+    model = load_base_model(
+        tiny_dir,
+        quantization_config=quant_config("nf4", torch.float32),
+        device_map="cpu",
+        dtype=torch.float32,
+    )
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
 
 
 # ---------------------------------------------------------------------------------------------- merging

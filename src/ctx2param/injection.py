@@ -6,10 +6,18 @@ the base weights are never touched: this works the same for ``torch.nn.Linear``,
 ``Conv1D``; gradients flow into the adapter's factors; detaching removes the hooks, which restores the
 model exactly. A batched adapter (``A [N, r, d_in]``) adapts each example of a batch with its own update;
 a batch of ``N·m`` rows (beam search, ``num_return_sequences``) repeats each adapter ``m`` times.
+
+bitsandbytes ``Linear4bit`` on CPUs with AVX512-BF16 repacks its weight for a bfloat16 kernel the first time
+it runs in eval mode on an input that needs no gradient, and from then on passes no gradient to its input
+(ENVIRONMENT.md's trap): adapter factors of earlier layers then get silently wrong gradients. Attaching an
+adapter therefore turns that repacking off on every ``Linear4bit`` of the model (and warns about layers
+already repacked, which it leaves as they are so that detaching restores the model exactly); the base model
+loader calls :func:`keep_4bit_exact` right after loading, before any forward pass.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,11 +29,14 @@ from .adapter import ContextAdapter, LoraFactors
 from .errors import AdapterMismatchError, QuantizedMergeError
 from .modules import is_conv1d, is_quantized_module, module_shape
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "AdapterHandle",
     "apply_adapter",
     "attach_adapter",
     "detach_adapter",
+    "keep_4bit_exact",
     "lora_delta",
     "merge_adapter",
     "resolve_adapter_modules",
@@ -149,6 +160,36 @@ class AdapterHandle:
         self.detach()
 
 
+def keep_4bit_exact(model: nn.Module, unpack: bool = True) -> int:
+    """Stop bitsandbytes' CPU repacking of ``Linear4bit`` weights; optionally undo it where it happened.
+
+    Sets ``support_avx512bf16_for_cpu = False`` on every layer that has the attribute, so 4-bit layers keep
+    computing exactly (dequantize, then multiply in the compute dtype) and keep passing gradients to their
+    inputs. With ``unpack``, a layer whose weight was already repacked is converted back by bitsandbytes'
+    inverse (its absmax stays rounded to bfloat16, as that inverse leaves it). Layers and models without
+    the attribute are left alone.
+
+    Returns:
+        the number of layers still repacked afterwards (0 with ``unpack=True``).
+    """
+    packed = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        if not unpack:
+            packed += 1
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return packed
+
+
 def attach_adapter(model: nn.Module, adapter: ContextAdapter) -> AdapterHandle:
     """Attach ``adapter`` to ``model`` (unmerged) and return a handle; ``handle.detach()`` removes it.
 
@@ -156,7 +197,19 @@ def attach_adapter(model: nn.Module, adapter: ContextAdapter) -> AdapterHandle:
     """
     if not isinstance(adapter, ContextAdapter):
         raise TypeError(f"attach_adapter needs a ContextAdapter, got {type(adapter).__name__}.")
-    return AdapterHandle(model, adapter, resolve_adapter_modules(model, adapter))
+    modules = resolve_adapter_modules(model, adapter)
+    # Unpacking would change how the base computes, so an attach that must restore the model exactly only
+    # stops further repacking and says where it already happened.
+    packed = keep_4bit_exact(model, unpack=False)
+    if packed:
+        logger.warning(
+            "%d bitsandbytes 4-bit layers of this model were repacked for the AVX512-BF16 CPU kernel "
+            "before the adapter was attached; no gradient flows through them. To train through them, call "
+            "ctx2param.injection.keep_4bit_exact(model) before the first forward pass (ctx2param's own "
+            "loaders do).",
+            packed,
+        )
+    return AdapterHandle(model, adapter, modules)
 
 
 def detach_adapter(handle: AdapterHandle) -> None:

@@ -27,7 +27,7 @@ from .adapter import ContextAdapter
 from .configuration_utils import ContextAdaptationConfig
 from .errors import AdapterMismatchError, ContextError, Ctx2ParamError
 from .file_utils import write_folder_atomically
-from .injection import apply_adapter
+from .injection import apply_adapter, keep_4bit_exact
 from .modules import target_module_shapes
 
 CONFIG_NAME = "config.json"
@@ -172,6 +172,7 @@ def load_base_model(
             if not Path(base).expanduser().is_dir():
                 raise
             raise BaseModelError(_base_load_message(base, revision, err)) from err
+    keep_4bit_exact(model)  # bitsandbytes' CPU repacking would stop gradients through 4-bit layers
     model.requires_grad_(False)
     return model.eval()
 
