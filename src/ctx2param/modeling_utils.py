@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .adapter import ContextAdapter
+from .compat import dtype_kwargs
 from .configuration_utils import ContextAdaptationConfig
 from .errors import AdapterMismatchError, ContextError, Ctx2ParamError
 from .file_utils import write_folder_atomically
@@ -158,12 +159,12 @@ def load_base_model(
         for key, value in (
             ("quantization_config", quantization_config),
             ("device_map", device_map),
-            ("dtype", dtype),
             ("local_files_only", local_files_only),
             ("token", token),
         ):
             if value is not None:
                 load_kwargs[key] = value
+        load_kwargs.update(dtype_kwargs(dtype))  # `torch_dtype` before transformers 4.56
         try:
             model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
         except OSError as err:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .compat import dtype_kwargs
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -96,17 +98,6 @@ user assistant system: Hello! How can I help you today? Please answer the questi
 # --------------------------------------------------------------------------------------------------------
 # transformers version differences
 # --------------------------------------------------------------------------------------------------------
-
-
-def _dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:
-    """``{"dtype": ...}`` for transformers >= 4.56, ``{"torch_dtype": ...}`` before (same meaning)."""
-    if dtype is None:
-        return {}
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-    return {key: dtype}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,7 +174,7 @@ def load_smollm2_gguf(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMod
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dtype_kwargs(dtype))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **dtype_kwargs(dtype))
     return model.eval(), tokenizer
 
 
@@ -266,7 +257,7 @@ def load_smollm2(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(dtype), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
