@@ -243,6 +243,41 @@ def test_repush_replaces_stale_shards(generator, local_hub) -> None:
     assert torch.equal(AutoModelForContextAdaptation.from_pretrained(repo).down.weight, generator.down.weight)
 
 
+def test_model_push_to_hub_is_ctx2param_push(generator, local_hub) -> None:
+    """``model.push_to_hub(repo)`` (the public API) publishes what ``ctx2param.hub.push_to_hub`` does, not
+    transformers' generic upload."""
+    repo = _repo("method-push")
+    url = generator.push_to_hub(repo, commit_message="via the model")
+    assert repo in url
+    files = local_hub.files(repo)
+    assert sorted(files) == [
+        ".gitattributes",
+        "README.md",
+        CARD_DATA_NAME,
+        "config.json",
+        "model.safetensors",
+    ]
+    assert local_hub.commits(repo)[0]["title"] == "via the model"
+    meta = _front_matter(files["README.md"].decode())
+    assert meta["library_name"] == "ctx2param"
+    assert CardData.from_dict(json.loads(files[CARD_DATA_NAME])) == get_card_data(generator)
+    weights = local_hub.files(repo)["model.safetensors"]
+    header = json.loads(weights[8 : 8 + int.from_bytes(weights[:8], "little")])
+    assert header and not [k for k in header if k.startswith("base_lm.")]
+    loaded = AutoModelForContextAdaptation.from_pretrained(repo)
+    adapter, again = generator.generate_adapter(TEXT), loaded.generate_adapter(TEXT)
+    assert list(adapter) == list(again)
+    assert all(torch.equal(adapter.delta_weight(n), again.delta_weight(n)) for n in adapter)
+    with pytest.raises(TypeError, match="safe_serialization"):
+        generator.push_to_hub(repo, safe_serialization=True)
+
+
+def test_model_push_to_hub_without_a_registered_publisher(generator, monkeypatch) -> None:
+    monkeypatch.setattr("ctx2param.modeling_utils._PUBLISHER", None)
+    with pytest.raises(Exception, match="No publisher is registered"):
+        generator.push_to_hub("org/unregistered")
+
+
 # ------------------------------------------------------------------------------------- publish.py and folders
 def test_publish_script(generator, base_repo: str, local_hub, tmp_path: Path, capsys) -> None:
     folder = Path(generator.save_pretrained(tmp_path / "trained"))

@@ -1,5 +1,7 @@
 """ctx2param: turn context into adapter parameters for Hugging Face causal language models."""
 
+# Importing hub registers ctx2param.hub.push_to_hub as what model.push_to_hub(repo_id) runs.
+from . import hub as _hub  # noqa: F401
 from .adapter import ContextAdapter, LoraFactors, compose, stack
 from .auto import AutoModelForContextAdaptation
 from .configuration_utils import ContextAdaptationConfig

@@ -32,6 +32,7 @@ from .modeling_utils import (
     WEIGHTS_NAME,
     CheckpointError,
     ContextAdaptationModel,
+    register_publisher,
     registered_methods,
 )
 
@@ -422,3 +423,7 @@ def push_folder_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
+
+
+# ``model.push_to_hub(repo_id, ...)`` runs push_to_hub above (the model base cannot import this module).
+register_publisher(push_to_hub)

@@ -42,6 +42,7 @@ __all__ = [
     "ContextAdaptationModel",
     "UnknownMethodError",
     "register_method",
+    "register_publisher",
     "registered_methods",
 ]
 
@@ -82,6 +83,20 @@ def register_method(
         )
     _METHODS[model_type] = (config_class, model_class)
     AutoConfig.register(model_type, config_class, exist_ok=True)
+
+
+#: What ``ContextAdaptationModel.push_to_hub`` calls: ``ctx2param.hub.push_to_hub``, registered by
+#: :func:`register_publisher` when ``ctx2param.hub`` is imported (``import ctx2param`` imports it). A hook
+#: rather than an import keeps the direction of imports: hub uses the model base, never the other way round.
+_PUBLISHER: Any = None
+
+
+def register_publisher(publisher: Any) -> None:
+    """Make ``publisher(model, repo_id, **kwargs)`` what ``model.push_to_hub(repo_id, **kwargs)`` runs."""
+    global _PUBLISHER
+    if not callable(publisher):
+        raise TypeError(f"The publisher must be callable, got {type(publisher).__name__}.")
+    _PUBLISHER = publisher
 
 
 def registered_methods() -> dict[str, tuple[type[ContextAdaptationConfig], type[ContextAdaptationModel]]]:
@@ -408,6 +423,50 @@ class ContextAdaptationModel(PreTrainedModel):
             }
         texts = {"README.md": model_card} if model_card is not None else {}
         return write_folder_atomically(save_directory, tensors=tensors, jsons=jsons, texts=texts)
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        *,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "2GB",
+        card_data: Any = None,
+        base_model_id: str | None = None,
+        base_revision: str | None = None,
+    ) -> str:
+        """Publish the generator: ``config.json``, its own weights (never the base's), ``card_data.json`` and
+        a model card rendered from ``model_cards/``; the same upload as ``ctx2param.hub.push_to_hub(self,
+        repo_id, ...)``, which it calls.
+
+        Design: the model base does not import ``ctx2param.hub`` (hub sits above it); ``ctx2param.hub``
+        registers itself through :func:`register_publisher` when imported, which ``import ctx2param`` does.
+        Arguments are those of ``ctx2param.hub.push_to_hub`` (transformers' ``repo_id``, ``private``,
+        ``token``, ``commit_message``, ``revision``, ``create_pr``, ``max_shard_size``, plus ``card_data``,
+        ``base_model_id`` and ``base_revision``); others (``safe_serialization``, ``use_temp_dir``, ...) are a
+        ``TypeError``. Returns the URL of the commit.
+        """
+        if _PUBLISHER is None:
+            raise Ctx2ParamError(
+                "No publisher is registered for ContextAdaptationModel.push_to_hub; `import ctx2param` "
+                "(or ctx2param.hub) registers it. Or call ctx2param.hub.push_to_hub(model, repo_id)."
+            )
+        options: dict[str, Any] = {
+            "private": private,
+            "token": token,
+            "revision": revision,
+            "create_pr": create_pr,
+            "max_shard_size": max_shard_size,
+            "card_data": card_data,
+            "base_model_id": base_model_id,
+            "base_revision": base_revision,
+        }
+        if commit_message is not None:
+            options["commit_message"] = commit_message
+        return _PUBLISHER(self, repo_id, **options)
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
