@@ -315,6 +315,34 @@ def test_arc_plain_model_zero_and_few_shot(base_dir: Path, tmp_path: Path, task:
     assert data["samples"][0]["prediction"] in data["samples"][0]["choices"]
 
 
+def test_a_stopped_run_keeps_its_finished_rows(base_dir: Path, tmp_path: Path, monkeypatch):
+    """The report is rewritten after every (system, k): a run that dies at its third row leaves a valid
+    results.json (complete: false) with the two rows it finished."""
+    from ctx2param.evaluation import runner
+
+    original, calls = runner._Run.run, []
+
+    def dies_on_the_third(self, items, system, k):
+        calls.append((system, k))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stopped")
+        return original(self, items, system, k)
+
+    monkeypatch.setattr(runner._Run, "run", dies_on_the_third)
+    out = tmp_path / "stopped"
+    code = cli("--model", base_dir, "--task", "arc-easy-k", "--k", "1,2,4", "--n", 2, "--systems", "icl",
+               "--out", out)  # fmt: skip
+    assert code == 130  # the command line's answer to an interrupt
+    data = read(out)
+    assert data["complete"] is False
+    assert set(rows(data)) == {("icl", 1), ("icl", 2)}
+    assert calls == [("icl", 1), ("icl", 2), ("icl", 4)]
+    finished = tmp_path / "finished"
+    assert cli("--model", base_dir, "--task", "arc-easy-k", "--k", "1", "--n", 2, "--systems", "closed",
+               "--out", finished) == 0  # fmt: skip
+    assert read(finished)["complete"] is True
+
+
 def test_mmlu_stream_adapter_and_icl(stream_dir: Path, tmp_path: Path):
     out = tmp_path / "mmlu"
     assert cli("--model", stream_dir, "--task", "mmlu-k", "--k", "0,2", "--n", 2, "--systems",

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results = run_evaluation(model, config, log=log)
+    # the report is rewritten after every (system, k): a run stopped half-way keeps its finished rows
+    results = run_evaluation(model, config, log=log, on_row=lambda partial: write_report(partial, args.out))
     files = write_report(results, args.out)
     print(f"wrote {', '.join(str(p) for p in files.values())}")
     return 0

@@ -21,8 +21,9 @@
                    spent making adapters), reused_from_k (closed book is run once: the k it was run at)}
     samples       a few predictions: {system, k, id, query, prediction, gold, choices?}
     notes         [str]: skipped systems (k = 0), ignored k, ...
-    wall_time_s   the whole run
+    wall_time_s   the whole run (so far, while not complete)
     created       UTC time stamp (ISO 8601)
+    complete      false while a run is still going (``ctx2param eval`` rewrites the files after every row)
 
 Scores are fractions in [0, 1] (the Markdown table shows them x 100). ``results_to_markdown`` renders a
 table from a results dict or file (for model cards), ``add_to_card_data`` copies the numbers into a

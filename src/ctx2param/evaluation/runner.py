@@ -856,12 +856,17 @@ def _sample(item: EvalItem, prediction: Any, spec: TaskSpec) -> dict[str, Any]:
 
 
 def run_evaluation(
-    model: EvalModel, config: EvalConfig, log: Callable[[str], None] | None = None
+    model: EvalModel,
+    config: EvalConfig,
+    log: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` as ``config`` says; returns the ``results.json`` dict (schema in
-    :mod:`ctx2param.evaluation.report`)."""
-    from .report import SCHEMA, TASK_DATA
+    :mod:`ctx2param.evaluation.report`).
 
+    ``on_row`` receives the results so far (``"complete": False``) after every finished (system, k) row, so a
+    long run that is stopped keeps what it measured (``ctx2param eval`` writes its report each time).
+    """
     spec = config.validate()
     for system in config.systems:
         model.check_system(system, spec)
@@ -880,6 +885,11 @@ def run_evaluation(
     samples: list[dict[str, Any]] = []
     closed_row: dict[str, Any] | None = None
     started = time.perf_counter()
+
+    def snapshot(complete: bool) -> dict[str, Any]:
+        elapsed = time.perf_counter() - started
+        return _results_dict(model, config, spec, run, ks, systems, rows, samples, notes, elapsed, complete)
+
     for k in ks:
         items = spec.build(k, config.n, config.seed)
         if not items:
@@ -919,7 +929,27 @@ def run_evaluation(
                 log(
                     f"{spec.name} {system} k={k}: {scores} ({wall:.1f} s, {stats['prompts_cut']} prompts cut)"
                 )
-    total = time.perf_counter() - started
+            if on_row is not None:
+                on_row(snapshot(complete=False))
+    return snapshot(complete=True)
+
+
+def _results_dict(
+    model: EvalModel,
+    config: EvalConfig,
+    spec: TaskSpec,
+    run: _Run,
+    ks: list[int],
+    systems: list[str],
+    rows: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    notes: list[str],
+    total: float,
+    complete: bool,
+) -> dict[str, Any]:
+    """The ``results.json`` dict of a run (finished or, with ``complete=False``, so far)."""
+    from .report import SCHEMA, TASK_DATA
+
     return {
         "schema": SCHEMA,
         "task": {
@@ -955,9 +985,10 @@ def run_evaluation(
             "versions": library_versions(),
             "autocast": "bfloat16" if run.device.type == "cuda" else None,
         },
-        "results": rows,
-        "samples": samples,
+        "results": list(rows),
+        "samples": list(samples),
         "notes": list(dict.fromkeys(notes)),
         "wall_time_s": total,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": complete,
     }
