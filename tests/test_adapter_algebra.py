@@ -535,3 +535,12 @@ def test_constructor_rejects_malformed_factors(factors, match):
 def test_constructor_rejects_other_values():
     with pytest.raises(TypeError, match="expected LoraFactors"):
         ContextAdapter({"m": (torch.randn(2, 5), torch.randn(6, 2))})
+
+
+def test_target_modules_that_match_no_layer_are_named():
+    """A typo in target_modules: the error names it and lists the layer names that exist."""
+    from ctx2param.testing_utils import tiny_model
+
+    with pytest.raises(ValueError, match=r"No linear layer of LlamaForCausalLM matches .*'qproj'") as info:
+        ContextAdapter.random(tiny_model("llama"), rank=2, target_modules=["qproj"])
+    assert "'q_proj'" in str(info.value) and "'down_proj'" in str(info.value)

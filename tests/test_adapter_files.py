@@ -428,3 +428,11 @@ def test_from_pretrained_with_a_hub_repository_id(tmp_path, local_hub, fmt):
 def test_from_pretrained_with_a_missing_hub_repository(local_hub):
     with pytest.raises(AdapterFileError, match="No adapter repository 'ctx2param-tests/no-such-adapter'"):
         ContextAdapter.from_pretrained("ctx2param-tests/no-such-adapter")
+
+
+@pytest.mark.hub
+def test_a_hub_adapter_that_is_not_cached_while_local_files_only(local_hub):
+    """``local_files_only=True`` (what HF_HUB_OFFLINE=1 implies) and nothing cached: the error names the
+    repository and why it cannot be fetched."""
+    with pytest.raises(AdapterFileError, match="'ctx2param-tests/never-cached' is not in the local cache"):
+        ContextAdapter.from_pretrained("ctx2param-tests/never-cached", local_files_only=True)
