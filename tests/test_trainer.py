@@ -11,13 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from ctx2param import AutoModelForContextAdaptation, ContextAdapter
+from ctx2param.cards import CardData
 from ctx2param.cli import main
+from ctx2param.hub import CARD_DATA_NAME, folder_card, get_card_data
 from ctx2param.models.compas import CompAsConfig, CompAsModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
 from ctx2param.training.data import TrainingExample, load_jsonl, save_jsonl
 from ctx2param.training.trainer import (
+    MAX_CARD_LOSS_ROWS,
     ContextAdaptationTrainer,
     TrainingExampleDataset,
+    _thin,
     default_training_arguments,
     train_method,
 )
@@ -77,6 +81,12 @@ def test_resume_restores_optimizer_step_and_next_loss(tmp_path):
     for step in (3, 4):
         for key in ("loss", "alignment", "ce", "additivity", "reconstruction"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # the card's training time goes on from the checkpoint's; its losses cover the whole run
+    before = CardData.load(checkpoint / CARD_DATA_NAME)
+    after = CardData.load(tmp_path / CARD_DATA_NAME)
+    assert after.training_time_s > before.training_time_s > 0
+    assert [row["step"] for row in before.losses] == [1, 2]
+    assert [row["step"] for row in after.losses] == [1, 2, 3, 4]
 
 
 def test_only_method_parameters_train_and_components_are_logged(tmp_path):
@@ -98,6 +108,44 @@ def test_only_method_parameters_train_and_components_are_logged(tmp_path):
     loaded = AutoModelForContextAdaptation.from_pretrained(tmp_path, base_model=tiny_model("llama"))
     for key, value in model.method_state_dict().items():
         assert torch.equal(loaded.method_state_dict()[key], value.cpu())
+
+
+def test_training_fills_and_writes_card_data(tmp_path):
+    model = make(alignment_weight=0.7)
+    get_card_data(model).add_dataset("recorded before", num_examples=1)
+    data = [{"name": "toy QA", "num_examples": 4, "license": "CC0-1.0"}]
+    train_method(
+        model, EXAMPLES, tmp_path, max_steps=3, save_steps=2, max_chunks=2, seed=7, datasets=data, **QUIET
+    )
+    for folder in (tmp_path / "checkpoint-2", tmp_path):
+        assert (folder / CARD_DATA_NAME).is_file(), folder
+    card = CardData.load(tmp_path / CARD_DATA_NAME)
+    assert card == get_card_data(model)
+    assert [d["name"] for d in card.datasets] == ["recorded before", "toy QA"]
+    hp = card.hyperparameters
+    assert hp["learning_rate"] == 1e-3 and hp["steps"] == 3 and hp["seed"] == 7 and hp["max_chunks"] == 2
+    assert hp["per_device_batch_size"] == 2 and hp["gradient_accumulation_steps"] == 1
+    assert hp["effective_batch_size"] == 2 and hp["precision"] == "fp32" and hp["num_examples"] == 4
+    assert hp["alignment_weight"] == 0.7 and {"ce_weight", "reconstruction_weight"} <= set(hp)
+    assert [row["step"] for row in card.losses] == [1, 2, 3]
+    assert {"loss", "alignment", "reconstruction"} <= set(card.losses[0])
+    assert "learning_rate" not in card.losses[0] and "grad_norm" not in card.losses[0]
+    assert card.training_time_s > 0 and card.hardware == "CPU"
+    assert CardData.load(tmp_path / "checkpoint-2" / CARD_DATA_NAME).hyperparameters["steps"] == 2
+    # the folder's card (what `ctx2param push` and hub_scripts/publish.py upload) describes the training
+    readme = folder_card(tmp_path, repo_id="org/toy")
+    assert "No training data has been recorded" not in readme
+    assert "| toy QA |" in readme and "| learning_rate | 0.001 |" in readme and "Trained on CPU" in readme
+    assert "| step | loss |" in readme
+    with pytest.raises(TypeError, match="datasets entries"):
+        train_method(make(), EXAMPLES, tmp_path / "bad", max_steps=1, datasets=[3], **QUIET)
+
+
+def test_card_losses_are_thinned():
+    rows = [{"step": i, "loss": 1.0} for i in range(1, 1001)]
+    kept = _thin(rows, MAX_CARD_LOSS_ROWS)
+    assert len(kept) == MAX_CARD_LOSS_ROWS and kept[0] == rows[0] and kept[-1] == rows[-1]
+    assert _thin(rows[:5], MAX_CARD_LOSS_ROWS) == rows[:5]
 
 
 def test_trainer_refuses_a_trainable_base(tmp_path):
@@ -181,6 +229,12 @@ def test_cli_train_init_from_and_decode(tiny_base_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0 and "on 4 examples" in out and "done: 2 steps" in out
     assert (tmp_path / "gen" / "config.json").is_file()
+    # the card data names the JSONL file it was trained on, with its example count
+    card = CardData.load(tmp_path / "gen" / CARD_DATA_NAME)
+    assert card.datasets == [{"name": "data.jsonl", "num_examples": 4, "description": "JSONL file"}]
+    assert card.hyperparameters["steps"] == 2 and card.hyperparameters["per_device_batch_size"] == 2
+    readme = folder_card(tmp_path / "gen")
+    assert "| data.jsonl: JSONL file |" in readme and "No training data has been recorded" not in readme
     # fine-tune it (the base comes from its config)
     status = main(
         ["train", "compas", "--init-from", str(tmp_path / "gen"), "--out", str(tmp_path / "tuned"), *common]
@@ -210,3 +264,14 @@ def test_cli_train_errors(tiny_base_dir, tmp_path, capsys):
     assert "FIELD=VALUE" in capsys.readouterr().err
     assert main(["train", "compas", "--data", "coqa", "--out", str(tmp_path)]) == 1
     assert "--base" in capsys.readouterr().err
+
+
+def test_train_command_records_the_built_in_sources():
+    from ctx2param.commands.train import load_training_examples
+
+    datasets: list[dict] = []
+    load_training_examples(["coqa", "boolq"], tiny_tokenizer(), max_examples=2, datasets=datasets)
+    coqa, boolq = datasets
+    assert (coqa["name"], coqa["id"], coqa["num_examples"]) == ("CoQA", "stanfordnlp/coqa", 2)
+    assert "CC BY-SA 4.0" in coqa["license"] and "MSR-LA" in coqa["license"]
+    assert (boolq["name"], boolq["id"], boolq["license"]) == ("BoolQ", "google/boolq", "CC BY-SA 3.0")

