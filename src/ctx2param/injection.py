@@ -205,8 +205,8 @@ def attach_adapter(model: nn.Module, adapter: ContextAdapter) -> AdapterHandle:
         logger.warning(
             "%d bitsandbytes 4-bit layers of this model were repacked for the AVX512-BF16 CPU kernel "
             "before the adapter was attached; no gradient flows through them. To train through them, call "
-            "ctx2param.injection.keep_4bit_exact(model) before the first forward pass (ctx2param's own "
-            "loaders do).",
+            "ctx2param.injection.keep_4bit_exact(model), which unpacks them (ctx2param's own loaders guard "
+            "against the repacking before the first forward pass).",
             packed,
         )
     return AdapterHandle(model, adapter, modules)
