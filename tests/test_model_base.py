@@ -23,7 +23,7 @@ except ModuleNotFoundError as _err:  # tests/ imported as a package
         raise
     from tests import _methods
 
-from ctx2param import AutoModelForContextAdaptation, ContextAdaptationModel, testing_utils
+from ctx2param import AutoModelForContextAdaptation, ContextAdaptationModel, apply_adapter, testing_utils
 from ctx2param import modeling_utils as mu
 from ctx2param.configuration_utils import CONFIG_SCHEMA_VERSION, UnknownConfigVersionError
 from ctx2param.errors import AdapterMismatchError
@@ -231,10 +231,13 @@ def test_kwargs_are_forwarded_to_the_base(saved_dir: Path, base_dir: Path, monke
         base_revision="main",
         local_files_only=True,
         attn_implementation="eager",
+        device_map={"": "cpu"},
     )
     ((args, kwargs),) = calls
     assert args == (str(base_dir),)
     assert kwargs["dtype"] is torch.bfloat16 and kwargs["revision"] == "main"
+    assert kwargs["device_map"] == {"": "cpu"}
+    assert model.base_device == torch.device("cpu")
     assert kwargs["local_files_only"] is True and kwargs["attn_implementation"] == "eager"
     assert "trust_remote_code" not in kwargs
     assert {p.dtype for p in model.base_lm.parameters()} == {torch.bfloat16}
@@ -242,6 +245,70 @@ def test_kwargs_are_forwarded_to_the_base(saved_dir: Path, base_dir: Path, monke
     assert model.base_lm.config._attn_implementation == "eager"
     adapter = model.generate_adapter(TEXTS[0])
     assert adapter.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------- adapted inference
+def test_forward_and_generate_with_adapter_match_the_context_manager(generator) -> None:
+    adapter = 20.0 * generator.generate_adapter(TEXTS[0])  # strong enough to change greedy tokens
+    greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        bare = generator.generate(PROMPT, **greedy)
+        with_kwarg = generator.generate(PROMPT, adapter=adapter, **greedy)
+        with generator.adapted(adapter):
+            in_block = generator.generate(PROMPT, **greedy)
+        again = generator.generate(PROMPT, **greedy)  # the base is restored after both
+        logits = generator(PROMPT, adapter=adapter).logits
+        with apply_adapter(generator.base_lm, adapter):
+            expected = generator.base_lm(PROMPT).logits
+    assert with_kwarg.shape == (1, PROMPT.shape[1] + 8)
+    assert torch.equal(with_kwarg, in_block)
+    assert not torch.equal(with_kwarg, bare)
+    assert torch.equal(again, bare)
+    assert torch.equal(logits, expected)
+
+
+def test_config_works_without_the_pretrainedconfig_spelling_of_transformers_5() -> None:
+    """transformers 4.x has only ``PretrainedConfig``; hide ``PreTrainedConfig`` (lazy module included) so
+    that configuration_utils takes its fallback import."""
+    script = textwrap.dedent(
+        """
+        import transformers
+
+        class Hidden(type(transformers)):
+            def __getattribute__(self, name):
+                if name == "PreTrainedConfig":
+                    raise AttributeError(name)
+                return super().__getattribute__(name)
+
+            def __getattr__(self, name):
+                if name == "PreTrainedConfig":
+                    raise AttributeError(name)
+                return super().__getattr__(name)
+
+        transformers.__class__ = Hidden
+        try:
+            from transformers import PreTrainedConfig  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("PreTrainedConfig is still importable: the fallback would not run")
+
+        import ctx2param
+        from ctx2param.configuration_utils import PreTrainedConfig as Used
+
+        assert Used is transformers.PretrainedConfig
+        assert issubclass(ctx2param.ContextAdaptationConfig, transformers.PretrainedConfig)
+        config = ctx2param.ContextAdaptationConfig(base_model_name_or_path="org/base", rank=3)
+        again = ctx2param.ContextAdaptationConfig.from_dict(config.to_dict())
+        assert again.to_dict() == config.to_dict() and again.rank == 3
+        compas = ctx2param.CompAsConfig(rank=5)
+        assert ctx2param.CompAsConfig.from_dict(compas.to_dict()).to_dict() == compas.to_dict()
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fallback ok" in result.stdout
 
 
 def test_generator_revision_and_local_files_only(
