@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +41,9 @@ import torch
 
 from ctx2param import ContextAdapter, apply_adapter
 from ctx2param.adapter import LoraFactors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
+from _common import hardware, load_average, summarize, sync, versions  # noqa: E402
 
 NUM_LAYERS = 30
 HIDDEN, KV_DIM, INTERMEDIATE = 576, 192, 1536
@@ -73,30 +73,6 @@ def smollm2_shapes() -> dict[str, tuple[int, int]]:
     return {f"model.layers.{i}.{k}": v for i in range(NUM_LAYERS) for k, v in per_layer.items()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _p90(values: list[float]) -> float:
-    """90th percentile by the nearest-rank method."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
-
-
-def summarize(wall: list[float], cpu: list[float]) -> dict[str, Any]:
-    """Median and 90th percentile of wall-clock and CPU timings, in seconds."""
-    return {
-        "median_s": statistics.median(wall),
-        "p90_s": _p90(wall),
-        "cpu_median_s": statistics.median(cpu),
-        "cpu_p90_s": _p90(cpu),
-        "repeats": len(wall),
-        "all_s": [round(t, 6) for t in wall],
-        "all_cpu_s": [round(t, 6) for t in cpu],
-    }
-
-
 class Timer:
     """Wall-clock and process CPU time of a block (synchronising the device at the end)."""
 
@@ -109,7 +85,7 @@ class Timer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
 
@@ -118,7 +94,7 @@ def time_it(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: i
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     wall, cpu = [], []
     for _ in range(repeats):
         with Timer(device) as t:
@@ -145,48 +121,6 @@ def _dense_svd(adapter: ContextAdapter, rank: int) -> None:
     for name in adapter:
         u, s, vh = torch.linalg.svd(adapter.delta_weight(name), full_matrices=False)
         (u[:, :rank] * s[:rank]) @ vh[:rank]
-
-
-def hardware(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-        info["cpu_model"] = next(
-            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None
-        )
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        info["cpu_flags_of_note"] = sorted(
-            f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-        )
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            kb = int(next(ln for ln in fh if ln.startswith("MemTotal")).split()[1])
-        info["memory_gb"] = round(kb / 1024**2, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("ctx2param", "torch", "transformers", "peft", "safetensors", "huggingface-hub"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def bench_algebra(repeats: int, device: torch.device) -> dict[str, Any]:
@@ -251,7 +185,7 @@ def bench_forward(repeats: int, device: torch.device, batches: list[int]) -> dic
                 model(ids, use_cache=False)
 
         base(), adapted()  # warm-up
-        _sync(device)
+        sync(device)
         times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in ("base", "adapted")}
         for i in range(repeats):  # alternate the order so that drift in machine load hits both
             for mode, fn in (("base", base), ("adapted", adapted))[:: 1 if i % 2 == 0 else -1]:
@@ -298,12 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or Path(__file__).parent / "results" / f"adapter_ops_{device.type}.json"
     batches = [int(b) for b in args.batches.split(",") if b]
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     started = time.perf_counter()
     report: dict[str, Any] = {
         "benchmark": "adapter_ops",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device),
+        "hardware": hardware(device, gpu_details=False),
         "versions": versions(),
         "settings": {
             "device": str(device),
@@ -323,10 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["algebra_and_files"] = bench_algebra(args.repeats, device)
     if not args.skip_forward:
         report["forward"] = bench_forward(args.repeats, device, batches)
-    report["load_average_before_after"] = [
-        load_before,
-        os.getloadavg() if hasattr(os, "getloadavg") else None,
-    ]
+    report["load_average_before_after"] = [load_before, load_average()]
     report["wall_s"] = time.perf_counter() - started
 
     out.parent.mkdir(parents=True, exist_ok=True)

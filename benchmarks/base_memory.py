@@ -28,24 +28,17 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
+from _common import versions  # noqa: E402
+
+BASE_MEMORY_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "ctx2param", "safetensors")
 MODES = ("fp32", "bf16", "8bit", "4bit")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ctx2param", "safetensors"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _hardware() -> dict[str, Any]:
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_path": base,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": _hardware(),
-        "versions": _versions(),
+        "versions": versions(BASE_MEMORY_PACKAGES),
         "results": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,12 +50,8 @@ import argparse
 import gc
 import inspect
 import json
-import math
-import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -63,6 +59,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
+from _common import (  # noqa: E402
+    PeakSampler,
+    hardware,
+    load_average,
+    p90,
+    rss_bytes,
+    summarize,
+    sync,
+    timed,
+    versions,
+)
 
 BUILTIN_PASSAGES = [
     (
@@ -107,134 +116,26 @@ BUILTIN_PASSAGES = [
 ]
 
 
-# ------------------------------------------------------------------------------------------- timing helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _p90(values: list[float]) -> float:
-    """90th percentile by the nearest-rank method."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
-
-
-def summarize(wall: list[float], cpu: list[float]) -> dict[str, Any]:
-    """Median and 90th percentile of wall-clock and CPU timings, in seconds."""
-    return {
-        "median_s": statistics.median(wall),
-        "p90_s": _p90(wall),
-        "cpu_median_s": statistics.median(cpu),
-        "cpu_p90_s": _p90(cpu),
-        "repeats": len(wall),
-        "all_s": [round(t, 6) for t in wall],
-        "all_cpu_s": [round(t, 6) for t in cpu],
-    }
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
-    """``(wall s, CPU s, result)`` of one call, the device synchronised at the end."""
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu, result
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakSampler(threading.Thread):
-    """Samples the process RSS every ``interval`` seconds and keeps the maximum."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = _rss_bytes()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        self.peak = max(self.peak, _rss_bytes())
-        return self.peak
-
-
+# ------------------------------------------------------------------------------------------------ memory
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
     """Peak memory of one call of ``fn`` (see the module docstring for what is measured)."""
     gc.collect()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"cuda_peak_allocated_bytes": peak, "cuda_peak_delta_bytes": peak - before}
-    before = _rss_bytes()
-    sampler = _PeakSampler()
+    before = rss_bytes()
+    sampler = PeakSampler()
     sampler.start()
     try:
         fn()
     finally:
         peak = sampler.stop()
     return {"rss_peak_bytes": peak, "rss_peak_delta_bytes": peak - before}
-
-
-# ------------------------------------------------------------------------------------------------ environment
-def hardware(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-        info["cpu_model"] = next(
-            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None
-        )
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        info["cpu_flags_of_note"] = sorted(
-            f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-        )
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            kb = int(next(ln for ln in fh if ln.startswith("MemTotal")).split()[1])
-        info["memory_gb"] = round(kb / 1024**2, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 1024**3, 1)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("ctx2param", "torch", "transformers", "peft", "safetensors", "huggingface-hub"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -327,24 +228,23 @@ def icl_prompt(
     return ids, cut
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pad(rows, pad, left=True)
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
+    return _pad(rows, pad, left=False)
 
 
 def pad_id(model: Any) -> int:
@@ -442,14 +342,14 @@ def decode_steps(model: Any, ids: torch.Tensor, mask: torch.Tensor, adapter: Any
         out = model.base_lm(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = model.base_lm(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
 
@@ -531,8 +431,8 @@ def bench_k(model: Any, k: int, args: argparse.Namespace, device: torch.device) 
             "new_tokens": args.decode_tokens,
             "base_s_per_token": base_s,
             "adapted_s_per_token": adapted_s,
-            "base_p90_s_per_token": _p90(per["base"]),
-            "adapted_p90_s_per_token": _p90(per["adapted"]),
+            "base_p90_s_per_token": p90(per["base"]),
+            "adapted_p90_s_per_token": p90(per["adapted"]),
             "overhead_percent": 100.0 * (adapted_s / base_s - 1.0),
             "all_base_s_per_token": [round(t, 7) for t in per["base"]],
             "all_adapted_s_per_token": [round(t, 7) for t in per["adapted"]],
@@ -647,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     out = args.out or Path(__file__).parent / "results" / f"context_cost_{device.type}.json"
-    load_before = _load_average()
+    load_before = load_average()
     started = time.perf_counter()
     model, what = build_model(args, device, dtype)
     report: dict[str, Any] = {
@@ -694,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in args.ks:
         report["results"][f"k_{k}"] = bench_k(model, k, args, device)
         print(f"k={k} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    report["load_average_before_after"] = [load_before, _load_average()]
+    report["load_average_before_after"] = [load_before, load_average()]
     report["wall_s"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

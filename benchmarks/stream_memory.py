@@ -33,11 +33,13 @@ import platform
 import resource
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
+from _common import PeakSampler, rss_bytes  # noqa: E402
 
 COUNTS = (1, 10, 100)
 _FALLBACK_TEXT = (
@@ -49,32 +51,6 @@ _FALLBACK_TEXT = (
     "in two sciences. A context adapter turns a passage into a small change of the weights of a language "
     "model, so that the model answers as if the passage were in its prompt. "
 )
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakSampler(threading.Thread):
-    """Samples the process RSS every ``interval`` seconds and keeps the maximum."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = _rss_bytes()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        self.peak = max(self.peak, _rss_bytes())
-        return self.peak
 
 
 def _passages() -> tuple[list[str], str]:
@@ -139,8 +115,8 @@ def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = _rss_bytes()
-    sampler = _PeakSampler()
+    rss_before = rss_bytes()
+    sampler = PeakSampler()
     sampler.start()
     tracemalloc.start()
     start = time.perf_counter()
@@ -148,7 +124,7 @@ def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
     rss_after = []
     for chunk in chunks[:count]:
         stream.update_ids(chunk)
-        rss_after.append(_rss_bytes())
+        rss_after.append(rss_bytes())
     adapter = stream.adapter()
     if cuda:
         torch.cuda.synchronize()

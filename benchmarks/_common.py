@@ -1,0 +1,143 @@
+"""Helpers shared by the benchmark scripts: timing statistics, peak memory sampling, hardware and versions.
+
+The scripts run as ``python benchmarks/<name>.py`` (Python puts ``benchmarks/`` on ``sys.path``); each one
+also adds its own folder to ``sys.path`` before ``import _common``, so that loading a script by its path
+(as the tests do) finds this module too. torch is imported only where it is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_PACKAGES = ("ctx2param", "torch", "transformers", "peft", "safetensors", "huggingface-hub")
+
+
+# ------------------------------------------------------------------------------------------- timing helpers
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def p90(values: list[float]) -> float:
+    """90th percentile by the nearest-rank method."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
+
+
+def summarize(wall: list[float], cpu: list[float]) -> dict[str, Any]:
+    """Median and 90th percentile of wall-clock and CPU timings, in seconds."""
+    return {
+        "median_s": statistics.median(wall),
+        "p90_s": p90(wall),
+        "cpu_median_s": statistics.median(cpu),
+        "cpu_p90_s": p90(cpu),
+        "repeats": len(wall),
+        "all_s": [round(t, 6) for t in wall],
+        "all_cpu_s": [round(t, 6) for t in cpu],
+    }
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """``(wall s, CPU s, result)`` of one call, the device synchronised at the end."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def rss_bytes() -> int:
+    """This process's resident set size (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler(threading.Thread):
+    """Samples the process RSS every ``interval`` seconds and keeps the maximum."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = rss_bytes()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
+
+
+# ------------------------------------------------------------------------------------------------ environment
+def hardware(device: torch.device, gpu_details: bool = True) -> dict[str, Any]:
+    """Platform, CPU model and flags of note, memory, thread count; on CUDA the GPU's name (and, with
+    ``gpu_details``, its memory and the CUDA version)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = fh.read().splitlines()
+        info["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None
+        )
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        info["cpu_flags_of_note"] = sorted(
+            f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+        )
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            kb = int(next(ln for ln in fh if ln.startswith("MemTotal")).split()[1])
+        info["memory_gb"] = round(kb / 1024**2, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        if gpu_details:
+            info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 1024**3, 1)
+            info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
+    """``{"python": ..., package: version or "not installed"}``."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
