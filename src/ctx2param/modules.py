@@ -8,8 +8,11 @@ transposed, ``[d_in, d_out]``). Shapes are always reported as ``(d_out, d_in)``,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
 from torch import nn
 
 _QUANTIZED_LINEAR_CLASSES = {"Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "Linear8bit"}
@@ -69,3 +72,75 @@ def find_target_modules(model: nn.Module, target_modules: str | Iterable[str]) -
 def target_module_shapes(model: nn.Module, target_modules: str | Iterable[str]) -> dict[str, tuple[int, int]]:
     """``{name: (d_out, d_in)}`` for the modules :func:`find_target_modules` selects."""
     return {name: module_shape(m) for name, m in find_target_modules(model, target_modules).items()}
+
+
+_LAYER_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
+
+
+@dataclass(frozen=True)
+class LayerKindLayout:
+    """Where each target module sits: its layer and its kind (the part of the name after the layer index).
+
+    For generators that share one head (or MLP) per module kind across layers. A method subclasses it only
+    to word its errors (``method``, ``sharing``, ``example``, ``hint``).
+
+    Attributes:
+        layers: the adapted layers' indices, ascending.
+        kinds: module kinds in first-appearance order (``"self_attn.q_proj"``, ``"mlp.c_proj"``, ...).
+        kind_shapes: ``(d_out, d_in)`` of each kind (the same in every layer: the heads are shared).
+        positions: ``{module name: (layer position, kind position)}``.
+    """
+
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]
+    kind_shapes: tuple[tuple[int, int], ...]
+    positions: dict[str, tuple[int, int]]
+
+    method: ClassVar[str] = "This method"
+    sharing: ClassVar[str] = "shares one head per module kind across layers"
+    example: ClassVar[str] = "model.layers.3.self_attn.q_proj"
+    hint: ClassVar[str] = ""
+    kind_sharing: ClassVar[str] = "shares one head per kind across layers"
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, Sequence[int]]) -> LayerKindLayout:
+        if not shapes:
+            raise ValueError(
+                f"{cls.method} needs at least one target module (config.target_shapes is empty)."
+            )
+        parsed: dict[str, tuple[int, str]] = {}
+        for name in shapes:
+            match = _LAYER_NAME.match(name)
+            if match is None:
+                raise ValueError(
+                    f"{cls.method} {cls.sharing}, so every target module must sit in a numbered layer (like "
+                    f"{cls.example!r}); {name!r} does not.{cls.hint}"
+                )
+            parsed[name] = (int(match["layer"]), match["kind"])
+        layers = tuple(sorted({layer for layer, _ in parsed.values()}))
+        kinds: list[str] = []
+        kind_shapes: dict[str, tuple[int, int]] = {}
+        for name, (_, kind) in parsed.items():
+            shape = (int(shapes[name][0]), int(shapes[name][1]))
+            if kind not in kind_shapes:
+                kinds.append(kind)
+                kind_shapes[kind] = shape
+            elif kind_shapes[kind] != shape:
+                raise ValueError(
+                    f"Module kind {kind!r} has shape {kind_shapes[kind]} in one layer and {shape} in another "
+                    f"({name}); {cls.method} {cls.kind_sharing} and needs equal shapes."
+                )
+        positions = {name: (layers.index(layer), kinds.index(kind)) for name, (layer, kind) in parsed.items()}
+        return cls(layers, tuple(kinds), tuple(kind_shapes[k] for k in kinds), positions)
+
+    @staticmethod
+    def key(kind: str) -> str:
+        """A module-dict key for a kind (dots are not allowed there)."""
+        return kind.replace(".", "__")
+
+    def presence(self) -> torch.Tensor:
+        """``[num_layers, num_kinds]`` bool: which (layer, kind) pairs are target modules."""
+        mask = torch.zeros(len(self.layers), len(self.kinds), dtype=torch.bool)
+        for layer, kind in self.positions.values():
+            mask[layer, kind] = True
+        return mask

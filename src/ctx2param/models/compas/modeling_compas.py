@@ -23,10 +23,8 @@ examples (empty query) use the plain text format (context, then the continuation
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,74 +35,22 @@ from ...adapter import ContextAdapter, LoraFactors
 from ...errors import ContextError
 from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
-from ...modules import target_module_shapes
+from ...modules import LayerKindLayout, target_module_shapes
 from .configuration_compas import CompAsConfig
 from .decoder_compas import CompAsDecoder
 from .losses_compas import additivity_loss, alignment_kl, masked_cross_entropy
 
 __all__ = ["CompAsGenerator", "CompAsModel", "ModuleLayout", "PerceiverBlock"]
 
-_LAYER_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
-
 
 # ------------------------------------------------------------------------------------------------ layout
-@dataclass(frozen=True)
-class ModuleLayout:
-    """Where each target module sits: its layer and its kind (the part of the name after the layer index).
+class ModuleLayout(LayerKindLayout):
+    """CompAs's :class:`~ctx2param.modules.LayerKindLayout` (the target modules' layers and kinds)."""
 
-    Attributes:
-        layers: the adapted layers' indices, ascending.
-        kinds: module kinds in first-appearance order (``"self_attn.q_proj"``, ``"mlp.c_proj"``, ...).
-        kind_shapes: ``(d_out, d_in)`` of each kind (the same in every layer: the heads are shared).
-        positions: ``{module name: (layer position, kind position)}``.
-    """
-
-    layers: tuple[int, ...]
-    kinds: tuple[str, ...]
-    kind_shapes: tuple[tuple[int, int], ...]
-    positions: dict[str, tuple[int, int]]
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, Sequence[int]]) -> ModuleLayout:
-        if not shapes:
-            raise ValueError("CompAs needs at least one target module (config.target_shapes is empty).")
-        parsed = {}
-        for name in shapes:
-            match = _LAYER_NAME.match(name)
-            if match is None:
-                raise ValueError(
-                    f"CompAs shares its heads across layers, so every target module must sit in a numbered "
-                    f"layer (like 'model.layers.3.self_attn.q_proj'); {name!r} does not. Choose "
-                    "target_modules inside the decoder layers."
-                )
-            parsed[name] = (int(match["layer"]), match["kind"])
-        layers = tuple(sorted({layer for layer, _ in parsed.values()}))
-        kinds: list[str] = []
-        kind_shapes: dict[str, tuple[int, int]] = {}
-        for name, (_, kind) in parsed.items():
-            shape = (int(shapes[name][0]), int(shapes[name][1]))
-            if kind not in kind_shapes:
-                kinds.append(kind)
-                kind_shapes[kind] = shape
-            elif kind_shapes[kind] != shape:
-                raise ValueError(
-                    f"Module kind {kind!r} has shape {kind_shapes[kind]} in one layer and {shape} in another "
-                    f"({name}); CompAs shares one head per kind across layers and needs equal shapes."
-                )
-        positions = {name: (layers.index(layer), kinds.index(kind)) for name, (layer, kind) in parsed.items()}
-        return cls(layers, tuple(kinds), tuple(kind_shapes[k] for k in kinds), positions)
-
-    @staticmethod
-    def key(kind: str) -> str:
-        """A module-dict key for a kind (dots are not allowed there)."""
-        return kind.replace(".", "__")
-
-    def presence(self) -> torch.Tensor:
-        """``[num_layers, num_kinds]`` bool: which (layer, kind) pairs are target modules."""
-        mask = torch.zeros(len(self.layers), len(self.kinds), dtype=torch.bool)
-        for layer, kind in self.positions.values():
-            mask[layer, kind] = True
-        return mask
+    method = "CompAs"
+    sharing = "shares its heads across layers"
+    hint = " Choose target_modules inside the decoder layers."
+    kind_sharing = "shares one head per kind across layers"
 
 
 # --------------------------------------------------------------------------------------------- generator

@@ -24,9 +24,6 @@ Only the translator trains; the base model stays frozen.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,64 +33,21 @@ from ...adapter import ContextAdapter, LoraFactors
 from ...alignment import ChunkAlignmentMixin
 from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
-from ...modules import target_module_shapes
+from ...modules import LayerKindLayout, target_module_shapes
 from .configuration_dyprag import DyPRAGConfig
 
 __all__ = ["DyPRAGLayout", "DyPRAGModel", "DyPRAGTranslator"]
 
-_LAYER_NAME = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
-@dataclass(frozen=True)
-class DyPRAGLayout:
-    """The target modules' layers and kinds.
+class DyPRAGLayout(LayerKindLayout):
+    """DyPRAG's :class:`~ctx2param.modules.LayerKindLayout` (one MLP per module kind, shared by layers)."""
 
-    Attributes:
-        layers: the adapted layers' indices, ascending.
-        kinds: module kinds in first-appearance order (``"self_attn.q_proj"``, ``"mlp.c_proj"``, ...).
-        kind_shapes: ``(d_out, d_in)`` of each kind (equal in every layer: one MLP per kind).
-        positions: ``{module name: (layer position, kind position)}``.
-    """
-
-    layers: tuple[int, ...]
-    kinds: tuple[str, ...]
-    kind_shapes: tuple[tuple[int, int], ...]
-    positions: dict[str, tuple[int, int]]
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, Sequence[int]]) -> DyPRAGLayout:
-        if not shapes:
-            raise ValueError("DyPRAG needs at least one target module (config.target_shapes is empty).")
-        parsed: dict[str, tuple[int, str]] = {}
-        for name in shapes:
-            match = _LAYER_NAME.match(name)
-            if match is None:
-                raise ValueError(
-                    f"DyPRAG shares one MLP per module kind across layers, so every target module must sit "
-                    f"in a numbered layer (like 'model.layers.3.mlp.up_proj'); {name!r} does not."
-                )
-            parsed[name] = (int(match["layer"]), match["kind"])
-        layers = tuple(sorted({layer for layer, _ in parsed.values()}))
-        kinds: list[str] = []
-        kind_shapes: dict[str, tuple[int, int]] = {}
-        for name, (_, kind) in parsed.items():
-            shape = (int(shapes[name][0]), int(shapes[name][1]))
-            if kind not in kind_shapes:
-                kinds.append(kind)
-                kind_shapes[kind] = shape
-            elif kind_shapes[kind] != shape:
-                raise ValueError(
-                    f"Module kind {kind!r} has shape {kind_shapes[kind]} in one layer and {shape} in another "
-                    f"({name}); DyPRAG shares one MLP per kind across layers and needs equal shapes."
-                )
-        positions = {name: (layers.index(layer), kinds.index(kind)) for name, (layer, kind) in parsed.items()}
-        return cls(layers, tuple(kinds), tuple(kind_shapes[k] for k in kinds), positions)
-
-    @staticmethod
-    def key(kind: str) -> str:
-        """A module-dict key for a kind (dots are not allowed there)."""
-        return kind.replace(".", "__")
+    method = "DyPRAG"
+    sharing = "shares one MLP per module kind across layers"
+    example = "model.layers.3.mlp.up_proj"
+    kind_sharing = "shares one MLP per kind across layers"
 
 
 class DyPRAGTranslator(nn.Module):
