@@ -18,7 +18,14 @@ from typing import Any
 
 from ..errors import ContextError
 
-__all__ = ["add_model_arguments", "load_model", "quantization_config", "read_text_file", "torch_dtype"]
+__all__ = [
+    "add_model_arguments",
+    "base_load_kwargs",
+    "load_model",
+    "quantization_config",
+    "read_text_file",
+    "torch_dtype",
+]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,10 +82,9 @@ def quantization_config(kind: str | None, dtype: Any = None) -> Any:
     raise ValueError(f"Unknown quantization {kind!r}; use 4bit or 8bit.")
 
 
-def load_model(args: argparse.Namespace) -> Any:
-    """Load the generator named by the :func:`add_model_arguments` options (and its base model)."""
-    from ..auto import AutoModelForContextAdaptation
-
+def base_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the base model from the :func:`add_model_arguments` options:
+    ``dtype``, ``device_map`` and ``quantization_config``, each only when given."""
     dtype = torch_dtype(args.dtype)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -88,8 +94,15 @@ def load_model(args: argparse.Namespace) -> Any:
     quant = quantization_config(args.quantize, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    return kwargs
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """Load the generator named by the :func:`add_model_arguments` options (and its base model)."""
+    from ..auto import AutoModelForContextAdaptation
+
     return AutoModelForContextAdaptation.from_pretrained(
-        args.model, base_model=args.base, revision=args.revision, **kwargs
+        args.model, base_model=args.base, revision=args.revision, **base_load_kwargs(args)
     )
 
 

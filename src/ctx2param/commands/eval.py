@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from . import add_model_arguments, load_model, quantization_config, torch_dtype
+from . import add_model_arguments, base_load_kwargs, load_model
 
 TASK_NAMES = ("squad-k", "arc-easy-k", "arc-challenge-k", "mmlu-k", "boolq", "reconstruction")
 SYSTEM_NAMES = ("closed", "icl", "adapter", "stream")
@@ -89,16 +89,8 @@ def _load(args: argparse.Namespace) -> Any:
         raise ValueError(f"--base applies to generators; {args.model} is a plain causal LM.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch_dtype(args.dtype)
-    kwargs: dict[str, Any] = {"revision": args.revision}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if args.device:
-        kwargs["device_map"] = args.device
-    quant = quantization_config(args.quantize, dtype)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    lm = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).eval()
+    kwargs = base_load_kwargs(args)
+    lm = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, **kwargs).eval()
     lm.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     return EvalModel(lm, tokenizer, name=args.model, revision=args.revision)
