@@ -33,6 +33,18 @@ def _fixed_seeds() -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test, restored afterwards. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``: tiny models gain nothing from a second
+    thread, and with the cores shared by other processes two OpenMP threads can be several times slower
+    than one (spinning at barriers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def local_hub():
     """The process-wide local Hub server (``tests/hub_server.py``) that ``HF_ENDPOINT`` points at."""

