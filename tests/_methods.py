@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -136,3 +138,16 @@ def bitsandbytes_missing() -> Iterator[None]:
     finally:
         importlib.util.find_spec = real_find_spec
         _clear_transformers_bitsandbytes_caches()
+
+
+def load_script(path: str | os.PathLike, name: str) -> Iterator[ModuleType]:
+    """Import the script at ``path`` as module ``name``, registered in ``sys.modules`` while in use (so that
+    dataclasses and pickling find it) and removed afterwards; for ``yield from`` in a fixture."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import _methods
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "context_cost.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("context_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["context_cost"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("context_cost", None)
+    yield from _methods.load_script(SCRIPT, "context_cost")
 
 
 @pytest.fixture(autouse=True)

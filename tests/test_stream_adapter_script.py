@@ -3,14 +3,13 @@ end-to-end run (train, resume, evaluate) on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+import _methods
 from ctx2param.testing_utils import tiny_model, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "train_stream_adapter.py"
@@ -18,12 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "train_stream_ada
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_stream_adapter", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_stream_adapter"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("train_stream_adapter", None)
+    yield from _methods.load_script(SCRIPT, "train_stream_adapter")
 
 
 def olmo_folder(relative: str) -> Path:
