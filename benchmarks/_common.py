@@ -7,6 +7,7 @@ also adds its own folder to ``sys.path`` before ``import _common``, so that load
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -14,6 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -141,3 +143,12 @@ def versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages, or None where the OS has none."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def write_report(report: dict[str, Any], out: Path, started: float, load_before: list[float] | None) -> None:
+    """Add ``load_average_before_after`` and ``wall_s`` (since ``started``, a ``time.perf_counter()``) to
+    ``report`` and write it to ``out`` as indented JSON."""
+    report["load_average_before_after"] = [load_before, load_average()]
+    report["wall_s"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from ctx2param import ContextAdapter, apply_adapter
 from ctx2param.adapter import LoraFactors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
-from _common import hardware, load_average, summarize, sync, versions  # noqa: E402
+from _common import hardware, load_average, summarize, sync, versions, write_report  # noqa: E402
 
 NUM_LAYERS = 30
 HIDDEN, KV_DIM, INTERMEDIATE = 576, 192, 1536
@@ -257,11 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["algebra_and_files"] = bench_algebra(args.repeats, device)
     if not args.skip_forward:
         report["forward"] = bench_forward(args.repeats, device, batches)
-    report["load_average_before_after"] = [load_before, load_average()]
-    report["wall_s"] = time.perf_counter() - started
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out, started, load_before)
     print_table(report)
     print(f"\nwritten to {out}")
     return report

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -71,6 +70,7 @@ from _common import (  # noqa: E402
     sync,
     timed,
     versions,
+    write_report,
 )
 
 BUILTIN_PASSAGES = [
@@ -594,10 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in args.ks:
         report["results"][f"k_{k}"] = bench_k(model, k, args, device)
         print(f"k={k} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    report["load_average_before_after"] = [load_before, load_average()]
-    report["wall_s"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out, started, load_before)
     print_table(report)
     print(f"\nwritten to {out}")
     return report
