@@ -17,8 +17,8 @@ and never on another method:
   :class:`~ctx2param.modeling_utils.ContextAdaptationModel` subclass and implements
   :meth:`ChunkAlignmentMixin.chunk_adapters`.
 
-CompAs keeps its own copy of the prompt/collation code for now (it adds additivity and reconstruction
-batches to it); its losses come from here.
+CompAs and DyPRAG both mix it in; CompAs adds its additivity and reconstruction batches and losses on top
+(:meth:`ChunkAlignmentMixin._collate_chunks`, :meth:`ChunkAlignmentMixin.alignment_losses`).
 """
 
 from __future__ import annotations
@@ -163,6 +163,18 @@ class ChunkAlignmentMixin:
         raise NotImplementedError(f"{type(self).__name__} must implement chunk_adapters(ids, mask).")
 
     # ------------------------------------------------------------------------------ base facts
+    def _num_hidden_layers(self) -> int | None:
+        """The base model's number of decoder layers, when its config says."""
+        cfg = getattr(self.base_lm, "config", None)
+        if cfg is None:
+            return None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in ("num_hidden_layers", "n_layer"):
+            value = getattr(text, attr, None)
+            if isinstance(value, int):
+                return value
+        return None
+
     @property
     def max_positions(self) -> int | None:
         """The base model's context window in tokens, when its config says."""
@@ -405,6 +417,14 @@ class ChunkAlignmentMixin:
             ``position_ids``; rows ``[left pad][prompt][answer][right pad]``), ``answer_ids``/``answer_mask``
             ``[N, La]``.
         """
+        return self._collate_chunks(examples)[0]
+
+    def _collate_chunks(
+        self, examples: Sequence[Any], with_answers: bool = True
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The batch of :meth:`collate_training_examples` (without ``teacher_*``, ``student_*`` and
+        ``answer_*`` when ``with_answers`` is false) and the kept chunks' texts, for methods that add to
+        it."""
         if not examples:
             raise ValueError("collate_training_examples got an empty list of examples.")
         cfg = self.config
@@ -449,11 +469,12 @@ class ChunkAlignmentMixin:
             "chunk_example": torch.tensor(chunk_example),
             "chunk_slot": torch.tensor(chunk_slot),
         }
-        for role, prompts in (("teacher", teacher_prompts), ("student", student_prompts)):
-            for key, value in prompt_answer_batch(prompts, answers, pad).items():
-                batch[f"{role}_{key}"] = value
-        batch["answer_ids"], batch["answer_mask"] = pad_token_lists(answers, pad)
-        return batch
+        if with_answers:
+            for role, prompts in (("teacher", teacher_prompts), ("student", student_prompts)):
+                for key, value in prompt_answer_batch(prompts, answers, pad).items():
+                    batch[f"{role}_{key}"] = value
+            batch["answer_ids"], batch["answer_mask"] = pad_token_lists(answers, pad)
+        return batch, chunk_texts
 
     def answer_logits(self, batch: dict[str, torch.Tensor], role: str, answer_len: int) -> torch.Tensor:
         """Logits ``[N, La, V]`` that predict the answer tokens of the ``role`` (teacher/student) rows."""
@@ -477,10 +498,19 @@ class ChunkAlignmentMixin:
         device = self.base_device  # type: ignore[attr-defined]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         chunks = self.chunk_adapters(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+        total, losses = self.alignment_losses(batch, chunks)
+        return {"loss": total, **losses}
+
+    def alignment_losses(
+        self, batch: dict[str, torch.Tensor], chunks: ContextAdapter
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum and the unweighted terms (``alignment``, ``ce``; those whose weight is nonzero)
+        of a batch already on the base's device, given the chunks' batched adapter ``[C, ...]``."""
+        cfg = self.config
         n, answer_len = batch["answer_ids"].shape
         student_adapter = sum_chunk_adapters(chunks, batch["chunk_example"], batch["chunk_slot"], n)
         losses: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=batch["answer_ids"].device)
         if cfg.alignment_weight > 0:
             with torch.no_grad(), apply_adapter(self.base_lm, None):
                 teacher = self.answer_logits(batch, "teacher", answer_len)
@@ -492,4 +522,4 @@ class ChunkAlignmentMixin:
         if cfg.ce_weight > 0:
             losses["ce"] = masked_cross_entropy(student, batch["answer_ids"], batch["answer_mask"])
             total = total + cfg.ce_weight * losses["ce"]
-        return {"loss": total, **losses}
+        return total, losses

@@ -147,17 +147,6 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
         self.translator = DyPRAGTranslator(config, self.layout, hidden_size)
         self.post_init()
 
-    def _num_hidden_layers(self) -> int | None:
-        cfg = getattr(self.base_lm, "config", None)
-        if cfg is None:
-            return None
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        for attr in ("num_hidden_layers", "n_layer"):
-            value = getattr(text, attr, None)
-            if isinstance(value, int):
-                return value
-        return None
-
     def parameter_breakdown(self) -> dict[str, int]:
         """Trainable parameters: the translator's input layers and embeddings, its output heads, total."""
         heads = sum(
