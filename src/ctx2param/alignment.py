@@ -34,6 +34,7 @@ from torch import nn
 from .adapter import ContextAdapter, LoraFactors
 from .errors import ContextError
 from .injection import apply_adapter
+from .modules import LayerKindLayout, target_module_shapes
 
 __all__ = [
     "ChunkAlignmentMixin",
@@ -161,6 +162,35 @@ class ChunkAlignmentMixin:
     def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
         """Method-specific: a batched adapter ``[C, ...]`` for ``C`` chunks (right padded ``[C, T]``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement chunk_adapters(ids, mask).")
+
+    # ------------------------------------------------------------------------------ layout
+    def _target_layout(self, layout_class: type[LayerKindLayout], base_model: nn.Module) -> LayerKindLayout:
+        """The layout of ``config.target_shapes`` (filled from ``config.target_modules`` when empty)."""
+        config = self.config
+        if not config.target_shapes:
+            config.target_shapes = {
+                n: list(s) for n, s in target_module_shapes(base_model, config.target_modules).items()
+            }
+        return layout_class.from_shapes(config.target_shapes)
+
+    def _check_chunk_window(self) -> None:
+        """``config.chunk_tokens`` (plus two special tokens) must fit the base model's window."""
+        window = self.max_positions
+        chunk_tokens = self.config.chunk_tokens
+        if window is not None and chunk_tokens + 2 > window:
+            raise ValueError(
+                f"chunk_tokens={chunk_tokens} does not fit the base model's window of {window} "
+                f"tokens; choose chunk_tokens <= {window - 2}."
+            )
+
+    def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
+        """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]`` (kinds and
+        layer positions of ``self.layout``, a :class:`~ctx2param.modules.LayerKindLayout`)."""
+        out = {}
+        for name, (layer, kind) in self.layout.positions.items():  # type: ignore[attr-defined]
+            A, B = factors[kind]
+            out[name] = LoraFactors(A[:, layer], B[:, layer], self.config.scale)
+        return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
 
     # ------------------------------------------------------------------------------ base facts
     def _num_hidden_layers(self) -> int | None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...adapter import ContextAdapter, LoraFactors
+from ...adapter import ContextAdapter
 from ...alignment import ChunkAlignmentMixin, pad_token_lists
 from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
@@ -184,11 +184,7 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
 
     def __init__(self, config: CompAsConfig, base_model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__(config, base_model, tokenizer=tokenizer)
-        if not config.target_shapes:
-            config.target_shapes = {
-                n: list(s) for n, s in target_module_shapes(base_model, config.target_modules).items()
-            }
-        self.layout = ModuleLayout.from_shapes(config.target_shapes)
+        self.layout = self._target_layout(ModuleLayout, base_model)
         num_layers = self._num_hidden_layers()
         if num_layers is not None:
             too_deep = [
@@ -199,12 +195,7 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
                     f"Target layers {too_deep} with hidden_state_offset={config.hidden_state_offset} need "
                     f"hidden states the base (with {num_layers} layers) does not have."
                 )
-        window = self.max_positions
-        if window is not None and config.chunk_tokens + 2 > window:
-            raise ValueError(
-                f"chunk_tokens={config.chunk_tokens} does not fit the base model's window of {window} "
-                f"tokens; choose chunk_tokens <= {window - 2}."
-            )
+        self._check_chunk_window()
         embeddings = base_model.get_input_embeddings()
         hidden_size = int(embeddings.embedding_dim)
         self.generator = CompAsGenerator(config, self.layout, hidden_size)
@@ -278,14 +269,6 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         hidden = self._hidden_states(input_ids, attention_mask)
         return self.generator(hidden, attention_mask.bool())
-
-    def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
-        """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]``."""
-        out = {}
-        for name, (layer, kind) in self.layout.positions.items():
-            A, B = factors[kind]
-            out[name] = LoraFactors(A[:, layer], B[:, layer], self.config.scale)
-        return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
 
     def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
         """A batched adapter ``[C, ...]``, one per chunk (right-padded ids ``[C, T]``); ``generate_adapter``

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapter import ContextAdapter, LoraFactors
+from ...adapter import ContextAdapter
 from ...alignment import ChunkAlignmentMixin
 from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
-from ...modules import LayerKindLayout, target_module_shapes
+from ...modules import LayerKindLayout
 from .configuration_dyprag import DyPRAGConfig
 
 __all__ = ["DyPRAGLayout", "DyPRAGModel", "DyPRAGTranslator"]
@@ -126,17 +126,8 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
 
     def __init__(self, config: DyPRAGConfig, base_model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__(config, base_model, tokenizer=tokenizer)
-        if not config.target_shapes:
-            config.target_shapes = {
-                n: list(s) for n, s in target_module_shapes(base_model, config.target_modules).items()
-            }
-        self.layout = DyPRAGLayout.from_shapes(config.target_shapes)
-        window = self.max_positions
-        if window is not None and config.chunk_tokens + 2 > window:
-            raise ValueError(
-                f"chunk_tokens={config.chunk_tokens} does not fit the base model's window of {window} "
-                f"tokens; choose chunk_tokens <= {window - 2}."
-            )
+        self.layout = self._target_layout(DyPRAGLayout, base_model)
+        self._check_chunk_window()
         num_layers = self._num_hidden_layers()
         if num_layers is not None and not -(num_layers + 1) <= config.pooling_layer <= num_layers:
             raise ValueError(
@@ -188,14 +179,6 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
         """Per-kind factors ``A [C, L, r, d_in]``, ``B [C, L, d_out, r]`` for a batch of chunks
         (differentiable in the translator's parameters)."""
         return self.translator(self.pooled_context(input_ids, attention_mask))
-
-    def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
-        """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]``."""
-        out = {}
-        for name, (layer, kind) in self.layout.positions.items():
-            A, B = factors[kind]
-            out[name] = LoraFactors(A[:, layer], B[:, layer], self.config.scale)
-        return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
 
     def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
         """A batched adapter ``[C, ...]``, one per chunk (right-padded ids ``[C, T]``)."""
