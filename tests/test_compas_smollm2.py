@@ -31,7 +31,7 @@ EXAMPLES = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_generator_and_decoder_fit_in_15m_parameters(smollm2):
+def test_generator_and_decoder_fit_in_15m_parameters(smollm2, tmp_path, capsys):
     base, tokenizer = smollm2
     model = CompAsModel.from_base(base, CompAsConfig(), tokenizer=tokenizer)
     cfg = base.config
@@ -49,6 +49,14 @@ def test_generator_and_decoder_fit_in_15m_parameters(smollm2):
     modules = dict(base.named_modules())
     ratios = [float(adapter.delta_weight(n).norm() / modules[n].weight.norm()) for n in adapter]
     assert 0 < max(ratios) < 0.05, max(ratios)
+    # `ctx2param info` on the saved generator shows the same count (and reads no base weights)
+    from ctx2param.cli import main
+    from ctx2param.commands.info import describe
+
+    model.save_pretrained(tmp_path / "compas")
+    assert describe(str(tmp_path / "compas"))["num_parameters"] == parts["total"]
+    assert main(["info", str(tmp_path / "compas")]) == 0
+    assert f"{parts['total']:,}" in capsys.readouterr().out
 
 
 def test_alignment_loss_falls_on_a_fixed_batch(smollm2):

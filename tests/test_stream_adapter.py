@@ -361,3 +361,18 @@ def test_adapter_exports_as_peft_and_applies(tmp_path):
     with torch.no_grad(), model.adapted(adapter):
         direct = model.base_lm(ids).logits
     torch.testing.assert_close(via_file, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_training_states_equal_the_inference_stream():
+    """The batched, differentiable fold used in training (``batch_states``) gives each example the state the
+    inference stream reaches on the same chunks (the contexts joined as the teacher reads them)."""
+    model = make_model().eval()
+    batch = model.collate_training_examples(examples())
+    with torch.no_grad():
+        states = model.batch_states(batch)
+        for i, ex in enumerate(examples()):
+            stream = model.stream()
+            for chunk in model.chunk("\n\n".join(ex["contexts"])):
+                stream.update(chunk)
+            torch.testing.assert_close(states[i], stream.state, rtol=1e-5, atol=1e-5)
+    assert states.abs().sum() > 0

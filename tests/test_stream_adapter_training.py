@@ -112,3 +112,33 @@ def test_ctx2param_train_stream_adapter_command(tmp_path, capsys):
     assert type(loaded) is StreamAdapterModel
     assert loaded.config.state_dim == 8 and loaded.config.rank == 2
     assert loaded.generate_adapter(FACTS[0][0]).rank == 2
+
+
+def test_ctx2param_train_stream_adapter_on_demonstrations(tmp_path, capsys):
+    """``--data demos-sst2``: k (= --max-chunks) SST-2 demonstrations of the training part -> a new input;
+    the card data names the source; evaluation sets stay refused."""
+    import json
+
+    from ctx2param.cli import main
+    from ctx2param.commands.train import load_training_examples
+    from ctx2param.evaluation.datasets import heldout_split, load_classification
+
+    examples = load_training_examples(["demos-sst2"], tiny_tokenizer(), max_chunks=3, max_examples=5)
+    assert len(examples) == 5 and all(len(ex.contexts) == 3 for ex in examples)
+    heldout = {ex.prompt() for ex in heldout_split(load_classification("sst2"), "heldout")}
+    assert not any(ex.query in heldout for ex in examples)  # queries come from the training part only
+    assert all(ex.answer in ("positive", "negative") for ex in examples), {ex.answer for ex in examples}
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    out = tmp_path / "gen"
+    argv = ["train", "stream-adapter", "--base", str(base_dir), "--data", "demos-sst2", "--out", str(out)]
+    argv += ["--steps", "2", "--batch-size", "2", "--max-chunks", "2", "--max-examples", "4", "--rank", "2"]
+    argv += ["--chunk-tokens", "16", "--set", "state_dim=8", "--cpu"]
+    assert main(argv) == 0, capsys.readouterr().err
+    card = json.loads((out / "card_data.json").read_text())
+    assert [d["name"] for d in card["datasets"]] == ["SST-2 demonstrations"]
+    assert card["datasets"][0]["num_examples"] == 4
+    assert main(["train", "stream-adapter", "--base", str(base_dir), "--data", "demos-mmlu", "--out",
+                 str(tmp_path / "no")]) != 0  # fmt: skip
+    assert "neither a file nor one of" in capsys.readouterr().err

