@@ -9,7 +9,10 @@
                    data_source (the files read), metrics [ids], primary_metric}
     model         {name, revision, kind ("generator" | "causal_lm"), architecture, dtype, window,
                    chat_template, num_parameters, base_model; generators also: method, base_revision,
-                   method_parameters}
+                   method_parameters}; revision / base_revision: the Hub revision when given, else for a
+                   local folder ``local:<sha256-prefix>`` (16 hex digits: config.json, the safetensors index,
+                   each weight file's size, header and first and last MiB; ``runner.local_revision``),
+                   else null
     settings      {k [..], n, n_requested, seed, systems [..], batch_size, max_new_tokens, score_tokens,
                    window, icl_cut ("shorten" | "drop"), choice_normalisation, prompt_format,
                    context_separator}

@@ -35,6 +35,8 @@ has it (CompAs), else :meth:`EvalModel.prompt_ids`, which builds the same format
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +50,46 @@ from ..adapter import ContextAdapter, stack
 from ..injection import apply_adapter
 from .metrics import rouge_l, squad_metrics, token_accuracy
 from .tasks import EvalItem, TaskSpec, get_task
+
+_SAMPLE_BYTES = 1 << 20  # bytes of each weight file's data hashed at its start and at its end
+
+
+def local_revision(path: str | os.PathLike | None) -> str | None:
+    """``local:<16 hex>``, a content fingerprint of a local model folder, or None when ``path`` is not one.
+
+    sha256 over ``config.json`` and the safetensors index (whole files) and, for every ``*.safetensors``
+    file in name order, its name, size, header (dtypes, shapes, offsets) and the first and last MiB of its
+    data: cheap (at most ~2 MiB read per weight file) and the same for the same files wherever they lie
+    (no paths nor mtimes), and changed by retraining, which moves nearly every weight.
+    """
+    if path is None or not os.path.isdir(path):
+        return None
+    folder = os.fspath(path)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as fh:
+                digest.update(name.encode() + b"\0" + fh.read() + b"\0")
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
+        file = os.path.join(folder, name)
+        size = os.path.getsize(file)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 0 < header_len <= size - 8:  # not a safetensors file: hash its start only
+                fh.seek(0)
+                digest.update(fh.read(_SAMPLE_BYTES))
+                continue
+            digest.update(fh.read(header_len))
+            start = 8 + header_len
+            digest.update(fh.read(min(_SAMPLE_BYTES, size - start)))
+            tail = max(start, size - _SAMPLE_BYTES)
+            fh.seek(tail)
+            digest.update(fh.read())
+    return "local:" + digest.hexdigest()[:16]
+
 
 __all__ = [
     "SYSTEMS",
@@ -270,7 +312,7 @@ class EvalModel:
         param = next(self.lm.parameters(), None)
         out: dict[str, Any] = {
             "name": str(self.name),
-            "revision": self.revision,
+            "revision": self.revision or local_revision(self.name),
             "kind": "generator" if self.generator is not None else "causal_lm",
             "architecture": type(self.lm).__name__,
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
@@ -282,7 +324,9 @@ class EvalModel:
         if config is not None:
             out["method"] = getattr(config, "method", None) or getattr(config, "model_type", None)
             out["base_model"] = getattr(config, "base_model_name_or_path", None)
-            out["base_revision"] = getattr(config, "base_model_revision", None)
+            out["base_revision"] = getattr(config, "base_model_revision", None) or local_revision(
+                out["base_model"]
+            )
             count = getattr(self.generator, "num_method_parameters", None)
             out["method_parameters"] = count() if callable(count) else None
         else:
