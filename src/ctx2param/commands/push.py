@@ -27,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--card-data", default=None, metavar="JSON", help="card data file (default: DIR/card_data.json)"
     )
+    parser.add_argument(
+        "--eval-results",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="results.json written by `ctx2param eval` (or its folder) to add to the card data before "
+        "publishing a generator folder; repeatable",
+    )
     parser.set_defaults(func=run)
 
 
@@ -42,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
         from ..hub import push_folder_to_hub
 
         card_data = CardData.load(args.card_data) if args.card_data else None
+        if args.eval_results:
+            from ..evaluation.report import add_to_card_data
+            from ..hub import CARD_DATA_NAME
+
+            if card_data is None:
+                default = folder / CARD_DATA_NAME
+                card_data = CardData.load(default) if default.is_file() else CardData()
+            for source in args.eval_results:
+                add_to_card_data(card_data, source)
         url = push_folder_to_hub(
             folder,
             args.repo_id,
@@ -57,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         from ..hub import _check_online
 
         _check_online()
-        if args.revision or args.create_pr or args.card_data:
-            raise ValueError("--revision, --create-pr and --card-data apply to generator folders only.")
+        if args.revision or args.create_pr or args.card_data or args.eval_results:
+            raise ValueError(
+                "--revision, --create-pr, --card-data and --eval-results apply to generator folders only."
+            )
         adapter = ContextAdapter.from_pretrained(folder)
         card = {"base_model": args.base_model_id} if args.base_model_id else {}
         url = adapter.push_to_hub(
