@@ -7,10 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import _methods
 from ctx2param import ContextAdapter, stack
@@ -25,7 +28,9 @@ from ctx2param.evaluation import (
     results_to_markdown,
     run_evaluation,
 )
+from ctx2param.evaluation.runner import local_revision
 from ctx2param.models.compas import CompAsConfig, CompAsModel
+from ctx2param.models.dyprag import DyPRAGConfig, DyPRAGModel
 from ctx2param.models.stream_adapter import StreamAdapterConfig, StreamAdapterModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
 
@@ -88,6 +93,16 @@ def stream_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def meanpool_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(_methods.make_generator(str(base_dir)).save_pretrained(tmp_path_factory.mktemp("mp") / "mp"))
+
+
+@pytest.fixture(scope="module")
+def dyprag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = DyPRAGConfig(
+        target_modules=TARGET_MODULES["llama"], translator_hidden=16, rank=2, chunk_tokens=48
+    )
+    model = DyPRAGModel.from_base(tiny_model("llama"), config, tokenizer=tiny_tokenizer())
+    return Path(model.save_pretrained(tmp_path_factory.mktemp("dyprag") / "dyprag"))
 
 
 def cli(*args: object) -> int:
@@ -240,7 +255,10 @@ def test_icl_prompts_are_cut_to_the_window(small_window_dir: Path, tmp_path: Pat
         assert table["icl", k]["prompts_cut"] == 2  # every SQuAD passage is longer than 96 tokens
         assert table["icl", k]["prompt_tokens_max"] <= 96 - 4
     assert table["closed", 1]["prompts_cut"] == 0
-    assert "| 3 | ICL |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    for k in (1, 3):  # the last cell, "ICL prompts cut", holds the count; empty for closed book
+        assert re.search(rf"^\| {k} \| ICL \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| 2 \|$", markdown, re.M)
+    assert re.search(r"^\| 1 \| closed book \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|  \|$", markdown, re.M)
 
     # MC: demonstrations are dropped from the last one, the question stays
     model = EvalModel(tiny_model("llama"), tiny_tokenizer(), window=60)
@@ -250,7 +268,7 @@ def test_icl_prompts_are_cut_to_the_window(small_window_dir: Path, tmp_path: Pat
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, tmp_path: Path):
+def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, base_dir: Path, tmp_path: Path):
     out = tmp_path / "out"
     assert cli("--model", compas_dir, "--task", "squad-k", "--k", "1,2", "--n", 2, "--systems",
                "closed,icl,adapter", "--seed", 3, "--max-new-tokens", 3, "--out", out) == 0  # fmt: skip
@@ -258,6 +276,8 @@ def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, tmp_path: Path):
     assert data["schema"] == "ctx2param.eval/1"
     assert data["task"]["name"] == "squad-k" and data["task"]["split"] == "validation"
     assert data["model"]["kind"] == "generator" and data["model"]["method"] == "compas"
+    assert data["model"]["revision"] == local_revision(compas_dir)  # a local folder: its fingerprint
+    assert data["model"]["base_revision"] == local_revision(base_dir) != data["model"]["revision"]
     settings = data["settings"]
     assert (settings["k"], settings["n"], settings["seed"]) == ([1, 2], 2, 3)
     assert settings["systems"] == ["closed", "icl", "adapter"]
@@ -277,21 +297,6 @@ def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, tmp_path: Path):
     assert table["adapter", 2]["prompt_tokens_mean"] == table["closed", 1]["prompt_tokens_mean"]
     assert {s["system"] for s in data["samples"]} == {"closed", "icl", "adapter"}
     assert all("prediction" in s and s["gold"] for s in data["samples"])
-
-
-def test_squad_stream_and_registered_method(stream_dir: Path, meanpool_dir: Path, tmp_path: Path):
-    out = tmp_path / "stream"
-    assert cli("--model", stream_dir, "--task", "squad-k", "--k", 2, "--n", 2, "--systems", "stream,adapter",
-               "--max-new-tokens", 2, "--out", out) == 0  # fmt: skip
-    table = rows(read(out))
-    assert set(table) == {("stream", 2), ("adapter", 2)}
-    assert table["stream", 2]["adapter_time_s"] > 0
-    out = tmp_path / "meanpool"
-    assert cli("--model", meanpool_dir, "--task", "arc-easy-k", "--k", 1, "--n", 2, "--systems", "adapter",
-               "--out", out) == 0  # fmt: skip
-    data = read(out)
-    assert data["model"]["method"] == "test_meanpool"
-    assert 0.0 <= data["results"][0]["scores"]["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("task", ["arc-easy-k", "arc-challenge-k"])
@@ -338,35 +343,138 @@ def test_a_stopped_run_keeps_its_finished_rows(base_dir: Path, tmp_path: Path, m
     assert read(finished)["complete"] is True
 
 
-def test_mmlu_stream_adapter_and_icl(stream_dir: Path, tmp_path: Path):
-    out = tmp_path / "mmlu"
-    assert cli("--model", stream_dir, "--task", "mmlu-k", "--k", "0,2", "--n", 2, "--systems",
-               "closed,icl,stream,adapter", "--out", out) == 0  # fmt: skip
-    table = rows(read(out))
-    assert set(table) == {("closed", 0), ("closed", 2), ("icl", 2), ("stream", 2), ("adapter", 2)}
+# every task x every model kind, all of a model's systems in one run
+MATRIX_MODELS = {  # fixture: (systems, method, extra CLI arguments)
+    "base_dir": ("closed,icl", None, ()),
+    "compas_dir": ("closed,icl,adapter", "compas", ()),
+    "dyprag_dir": ("closed,icl,adapter", "dyprag", ("--base", "BASE")),
+    "stream_dir": ("closed,icl,adapter,stream", "stream_adapter", ()),
+    "meanpool_dir": ("closed,icl,adapter", "test_meanpool", ()),
+}
+MATRIX_TASKS = {  # task: (--k, the ks run, metrics)
+    "squad-k": ("1,2", [1, 2], {"exact_match", "f1"}),
+    "arc-easy-k": ("1,2", [1, 2], {"accuracy"}),
+    "arc-challenge-k": ("1,2", [1, 2], {"accuracy"}),
+    "mmlu-k": ("1,2", [1, 2], {"accuracy"}),
+    "boolq": ("4", [1], {"accuracy"}),  # BoolQ has one passage: k is ignored, with a note
+    "reconstruction": ("1", [1], {"token_accuracy", "rouge_l"}),
+}
 
 
-def test_boolq_closed_icl_and_compas(compas_dir: Path, tmp_path: Path):
-    out = tmp_path / "boolq"
-    assert cli("--model", compas_dir, "--task", "boolq", "--k", 4, "--n", 2, "--systems",
-               "closed,icl,adapter", "--out", out) == 0  # fmt: skip
+@pytest.mark.parametrize("fixture", list(MATRIX_MODELS))
+@pytest.mark.parametrize("task", list(MATRIX_TASKS))
+def test_every_task_and_system_end_to_end(
+    request: pytest.FixtureRequest, base_dir: Path, tmp_path: Path, capsys, task: str, fixture: str
+):
+    model_dir = request.getfixturevalue(fixture)
+    systems, method, extra = MATRIX_MODELS[fixture]
+    extra = [str(base_dir) if a == "BASE" else a for a in extra]
+    k_arg, ks, metrics = MATRIX_TASKS[task]
+    out = tmp_path / "out"
+    if task == "reconstruction":
+        if fixture != "compas_dir":  # only CompAs has a decoder; a plain LM has no generator at all
+            code = cli("--model", model_dir, *extra, "--task", task, "--n", 2, "--systems", "adapter",
+                       "--out", out)  # fmt: skip
+            message = (
+                "needs a ctx2param generator" if fixture == "base_dir" else "needs a generator with a decoder"
+            )
+            assert code == 1 and message in capsys.readouterr().err
+            assert not (out / "results.json").exists()
+            return
+        systems = "adapter"
+    assert cli("--model", model_dir, *extra, "--task", task, "--k", k_arg, "--n", 2, "--systems", systems,
+               "--max-new-tokens", 2, "--out", out) == 0  # fmt: skip
     data = read(out)
-    assert data["settings"]["k"] == [1] and any("ignored" in n for n in data["notes"])
+    assert data["complete"] is True and data["task"]["name"] == task
+    assert data["model"]["kind"] == ("causal_lm" if fixture == "base_dir" else "generator")
+    assert data["model"].get("method") == method and data["settings"]["k"] == ks
+    assert data["model"]["revision"] == local_revision(model_dir) and data["model"]["revision"].startswith(
+        "local:"
+    )
     table = rows(data)
-    assert set(table) == {("closed", 1), ("icl", 1), ("adapter", 1)}
-    assert table["icl", 1]["prompt_tokens_mean"] > table["closed", 1]["prompt_tokens_mean"] + 20
-    assert {s["gold"] for s in data["samples"]} <= {"yes", "no"}
+    assert set(table) == {(s, k) for s in systems.split(",") for k in ks}
+    for row in data["results"]:
+        assert row["n"] == 2 and set(row["scores"]) == metrics
+        assert all(0.0 <= v <= 1.0 for v in row["scores"].values()), row
+        if data["task"]["kind"] == "choice":
+            assert row["scores"]["accuracy"] in (0.0, 0.5, 1.0)
+        if row["system"] in ("adapter", "stream"):
+            assert row["adapter_time_s"] > 0
+    if "icl" in systems:
+        k = ks[-1]
+        assert table["icl", k]["prompt_tokens_mean"] > table["closed", k]["prompt_tokens_mean"] + 20
+    if "adapter" in systems and task != "reconstruction":  # the adapter replaces the passages in the prompt
+        assert table["adapter", ks[-1]]["prompt_tokens_mean"] == table["closed", ks[-1]]["prompt_tokens_mean"]
+    if task == "boolq":
+        assert any("ignored" in note for note in data["notes"])
+        assert {sample["gold"] for sample in data["samples"]} <= {"yes", "no"}
+    if task == "reconstruction":
+        assert (
+            table["adapter", 1]["reference_tokens"] == 16 and table["adapter", 1]["prompt_tokens_max"] <= 17
+        )
 
 
-def test_reconstruction_with_compas(compas_dir: Path, tmp_path: Path):
-    out = tmp_path / "rec"
-    assert cli("--model", compas_dir, "--task", "reconstruction", "--n", 2, "--systems", "adapter",
-               "--out", out) == 0  # fmt: skip
+# ------------------------------------------------------------------------------------------ cards
+def test_eval_results_reach_the_card_and_the_hub(compas_dir: Path, tmp_path: Path, capsys, local_hub):
+    from ctx2param import AutoModelForContextAdaptation
+    from ctx2param.hub import generator_card, get_card_data
+
+    out = tmp_path / "squad"
+    assert cli("--model", compas_dir, "--task", "squad-k", "--k", 1, "--n", 2, "--systems",
+               "adapter,icl,closed", "--max-new-tokens", 3, "--out", out) == 0  # fmt: skip
     data = read(out)
-    (row,) = data["results"]
-    assert set(row["scores"]) == {"token_accuracy", "rouge_l"}
-    assert all(0.0 <= v <= 1.0 for v in row["scores"].values())
-    assert row["reference_tokens"] == 16 and row["prompt_tokens_max"] <= 17
+    adapter_row = rows(data)["adapter", 1]
+    model = AutoModelForContextAdaptation.from_pretrained(str(compas_dir))
+    assert add_to_card_data(get_card_data(model), out) == 6  # 3 systems x 2 metrics
+
+    def check(card: str, own_tasks: int = 1) -> None:
+        front = yaml.safe_load(card.split("---\n")[1])
+        (index,) = front["model-index"]
+        metrics = {
+            (r["dataset"]["name"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]
+        }
+        for metric in ("exact_match", "f1"):
+            value = 100 * adapter_row["scores"][metric]
+            assert metrics["SQuAD v1.1", metric] == pytest.approx(value)
+            row = f"| SQuAD-k | rajpurkar/squad | validation | 1 | compas | {metric} | {value:.4g} | 2 |"
+            assert card.count(row) == 1, row
+        assert "| SQuAD-k | rajpurkar/squad | validation | 1 | icl | exact_match |" in card
+        assert "| closed | exact_match |" in card
+        assert len(index["results"]) == own_tasks  # baselines stay out of the model-index
+
+    check(generator_card(model))
+
+    # ctx2param push --eval-results (a folder and a file, repeatable) fills the published card
+    arc = tmp_path / "arc"
+    assert cli("--model", compas_dir, "--task", "arc-easy-k", "--k", 1, "--n", 2, "--systems", "adapter",
+               "--out", arc) == 0  # fmt: skip
+    repo = "org/eval-results-push"
+    code = main(["push", str(compas_dir), repo, "--eval-results", str(out), "--eval-results",
+                 str(arc / "results.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    files = local_hub.files(repo)
+    card = files["README.md"].decode()
+    check(card, own_tasks=2)
+    accuracy = 100 * read(arc)["results"][0]["scores"]["accuracy"]
+    assert f"| ARC-Easy | allenai/ai2_arc | test | 1 | compas | accuracy | {accuracy:.4g} | 2 |" in card
+    pushed = json.loads(files["card_data.json"])
+    assert len(pushed["eval_results"]) == 6 + 1
+    assert main(["push", str(compas_dir), repo, "--eval-results", str(tmp_path / "nothing")]) == 1
+    assert "Cannot read evaluation results" in capsys.readouterr().err
+
+
+def test_local_revision_is_a_content_fingerprint(compas_dir: Path, tmp_path: Path):
+    revision = local_revision(compas_dir)
+    assert re.fullmatch(r"local:[0-9a-f]{16}", revision)
+    copy = Path(shutil.copytree(compas_dir, tmp_path / "copy"))
+    assert local_revision(copy) == revision  # the same files elsewhere: the same fingerprint
+    weights = copy / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # one byte of the last weight
+    weights.write_bytes(bytes(blob))
+    assert local_revision(copy) != revision
+    assert local_revision(tmp_path / "missing") is None and local_revision("org/some-model") is None
+    assert local_revision(None) is None
 
 
 def test_markdown_and_card_data(compas_dir: Path, tmp_path: Path):
