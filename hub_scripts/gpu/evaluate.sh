@@ -20,7 +20,7 @@ for name in compas dyprag stream_adapter; do
     tail -n 3 "$RUNS/$name.log" | cut -c1-400
 done
 if [[ -f benchmarks/context_cost.py ]]; then
-    timeout 150 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 --base "$BASE" \
+    timeout 240 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 --base "$BASE" \
         --k 1,4,16 --questions 64 --repeats 3 --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
     echo "context_cost rc=$? ($((SECONDS - start)) s)"; tail -n 15 "$RUNS/context_cost.log"
 fi
