@@ -127,15 +127,13 @@ def _logits(model, adapter=None) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- generators
+#: What a published generator repository holds: never the base model's weights.
+GENERATOR_FILES = [".gitattributes", "README.md", CARD_DATA_NAME, "config.json", "model.safetensors"]
+
+
 def test_push_then_from_pretrained_through_the_client(generator, pushed: str, local_hub) -> None:
     files = local_hub.files(pushed)
-    assert sorted(files) == [
-        ".gitattributes",
-        "README.md",
-        CARD_DATA_NAME,
-        "config.json",
-        "model.safetensors",
-    ]
+    assert sorted(files) == GENERATOR_FILES
     assert local_hub.commits(pushed)[0]["title"] == "first upload"
     config = json.loads(files["config.json"])
     assert config["model_type"] == "ctx2param_test_meanpool"
@@ -250,13 +248,7 @@ def test_model_push_to_hub_is_ctx2param_push(generator, local_hub) -> None:
     url = generator.push_to_hub(repo, commit_message="via the model")
     assert repo in url
     files = local_hub.files(repo)
-    assert sorted(files) == [
-        ".gitattributes",
-        "README.md",
-        CARD_DATA_NAME,
-        "config.json",
-        "model.safetensors",
-    ]
+    assert sorted(files) == GENERATOR_FILES
     assert local_hub.commits(repo)[0]["title"] == "via the model"
     meta = _front_matter(files["README.md"].decode())
     assert meta["library_name"] == "ctx2param"
@@ -291,13 +283,7 @@ def test_publish_script(generator, base_repo: str, local_hub, tmp_path: Path, ca
     assert publish.main([str(folder), repo, "--private", "--base-model-id", base_repo]) == 0
     assert repo in capsys.readouterr().out
     files = local_hub.files(repo)
-    assert sorted(files) == [
-        ".gitattributes",
-        "README.md",
-        CARD_DATA_NAME,
-        "config.json",
-        "model.safetensors",
-    ]
+    assert sorted(files) == GENERATOR_FILES
     assert HfApi().model_info(repo).private is True
     assert json.loads(files["config.json"])["base_model_name_or_path"] == base_repo
     assert json.loads((folder / "config.json").read_text())["base_model_name_or_path"] != base_repo
