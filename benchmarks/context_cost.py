@@ -59,6 +59,8 @@ from typing import Any
 
 import torch
 
+from ctx2param.alignment import pad_token_lists
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
 from _common import (  # noqa: E402
     PeakSampler,
@@ -228,25 +230,6 @@ def icl_prompt(
     return ids, cut
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(rows, pad, left=True)
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(rows, pad, left=False)
-
-
 def pad_id(model: Any) -> int:
     tok = model.tokenizer
     for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
@@ -306,7 +289,7 @@ def answer(model: Any, prompts: list[list[int]], adapter: Any, args: argparse.Na
     padded = 0
     pad = pad_id(model)
     for start in range(0, len(prompts), args.batch_size):
-        ids, mask = pad_left(prompts[start : start + args.batch_size], pad)
+        ids, mask = pad_token_lists(prompts[start : start + args.batch_size], pad, left=True)
         padded += ids.numel()
         with torch.no_grad():
             out = model.generate(
@@ -365,7 +348,7 @@ def bench_k(model: Any, k: int, args: argparse.Namespace, device: torch.device) 
     pieces = generator_pieces(model, passages)
     tok = model.tokenizer
     piece_rows = [tok(p, add_special_tokens=True)["input_ids"] for p in pieces]
-    prefill_ids, prefill_mask = pad_right(piece_rows, pad_id(model))
+    prefill_ids, prefill_mask = pad_token_lists(piece_rows, pad_id(model))
     prefill_ids, prefill_mask = prefill_ids.to(device), prefill_mask.to(device)
 
     state: dict[str, Any] = {}
@@ -416,7 +399,7 @@ def bench_k(model: Any, k: int, args: argparse.Namespace, device: torch.device) 
     adapter = state["adapter"]
     decode: dict[str, Any] = {}
     for batch in sorted({1, min(args.batch_size, len(bare_prompts))}):
-        ids, mask = pad_left(bare_prompts[:batch], pad_id(model))
+        ids, mask = pad_token_lists(bare_prompts[:batch], pad_id(model), left=True)
         decode_steps(model, ids, mask, None, 2), decode_steps(model, ids, mask, adapter, 2)  # warm-up
         per: dict[str, list[float]] = {"base": [], "adapted": []}
         for i in range(args.repeats):

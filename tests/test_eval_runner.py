@@ -157,14 +157,15 @@ def test_choice_logprobs_match_a_direct_forward():
 
 
 def test_greedy_loop_matches_generate():
-    from ctx2param.evaluation.runner import _greedy, _left_pad
+    from ctx2param.alignment import pad_token_lists
+    from ctx2param.evaluation.runner import _greedy
 
     lm, tok = tiny_model("llama"), tiny_tokenizer()
     model = EvalModel(lm, tok)
     prompts = model.prompt_ids(
         ["Question: Who wrote the report?\nAnswer:", "Q?"], [["The secret is Marigold."], []]
     )
-    ids, mask = _left_pad(prompts, model.pad_id, torch.device("cpu"))
+    ids, mask = pad_token_lists(prompts, model.pad_id, left=True)
     adapter = stack([ContextAdapter.random(lm, rank=2, seed=s, std=0.3) for s in (1, 2)])
     for batched in (None, adapter):
         with model_adapted(lm, batched), torch.no_grad():

@@ -41,6 +41,7 @@ __all__ = [
     "alignment_kl",
     "masked_cross_entropy",
     "pad_token_lists",
+    "plain_start_ids",
     "position_ids_from_mask",
     "prompt_answer_batch",
     "sum_chunk_adapters",
@@ -98,6 +99,18 @@ def pad_token_lists(
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: ``cumsum(mask) - 1`` (clamped at 0)."""
     return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def plain_start_ids(tokenizer: Any, fallback_id: int) -> list[int]:
+    """Tokens that start a plain (non-chat) prompt: the prefix the tokenizer adds of itself (a BOS), else
+    its eos token, else ``fallback_id`` (so a prompt is never empty)."""
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    prefix = with_special[: len(with_special) - len(without)]
+    if prefix and with_special[len(prefix) :] == without:
+        return prefix
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [eos if isinstance(eos, int) else fallback_id]
 
 
 def prompt_answer_batch(
@@ -175,13 +188,22 @@ class ChunkAlignmentMixin:
 
     def _check_chunk_window(self) -> None:
         """``config.chunk_tokens`` (plus two special tokens) must fit the base model's window."""
-        window = self.max_positions
-        chunk_tokens = self.config.chunk_tokens
-        if window is not None and chunk_tokens + 2 > window:
-            raise ValueError(
-                f"chunk_tokens={chunk_tokens} does not fit the base model's window of {window} "
-                f"tokens; choose chunk_tokens <= {window - 2}."
-            )
+        self._check_chunk_tokens(self.config.chunk_tokens)
+
+    def frozen_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, all_layers: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """Hidden states ``[C, T, D]`` of the frozen base (no gradient): every layer's, embeddings first,
+        with ``all_layers``, else only the last layer's (a 1-tuple). Runs the base's body without its LM
+        head where the model has one."""
+        body = getattr(self.base_lm, "base_model", None)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        with torch.no_grad():
+            if isinstance(body, nn.Module) and body is not self.base_lm:
+                out = body(**kwargs, output_hidden_states=all_layers)
+                return tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
+            states = self.base_lm(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states
+        return tuple(states) if all_layers else (states[-1],)
 
     def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
         """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]`` (kinds and
@@ -262,19 +284,8 @@ class ChunkAlignmentMixin:
         return ids
 
     def _start_ids(self) -> list[int]:
-        """Tokens that start a plain (non-chat) prompt: the tokenizer's own prefix, else its eos/pad."""
-        tok = self._require_tokenizer()
-        with_special = tok("a", add_special_tokens=True)["input_ids"]
-        without = tok("a", add_special_tokens=False)["input_ids"]
-        prefix = (
-            list(with_special[: len(with_special) - len(without)])
-            if with_special[-len(without) :] == without
-            else []
-        )
-        if prefix:
-            return prefix
-        eos = getattr(tok, "eos_token_id", None)
-        return [eos if isinstance(eos, int) else self.pad_token_id]
+        """Tokens that start a plain (non-chat) prompt (:func:`plain_start_ids`)."""
+        return plain_start_ids(self._require_tokenizer(), self.pad_token_id)
 
     def _use_chat(self, query: str) -> bool:
         return bool(query) and bool(getattr(self.tokenizer, "chat_template", None))
@@ -538,7 +549,7 @@ class ChunkAlignmentMixin:
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["answer_ids"].device)
         if cfg.alignment_weight > 0:
-            with torch.no_grad(), apply_adapter(self.base_lm, None):
+            with torch.no_grad():
                 teacher = self.answer_logits(batch, "teacher", answer_len)
         with apply_adapter(self.base_lm, student_adapter):
             student = self.answer_logits(batch, "student", answer_len)

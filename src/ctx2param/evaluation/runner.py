@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..adapter import ContextAdapter, stack
+from ..alignment import pad_token_lists, plain_start_ids, position_ids_from_mask
 from ..injection import apply_adapter
 from .metrics import rouge_l, squad_metrics, token_accuracy
 from .tasks import EvalItem, TaskSpec, get_task
@@ -362,17 +363,9 @@ class EvalModel:
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _start_ids(self) -> list[int]:
-        """Tokens that start a plain (non-chat) prompt: the tokenizer's own prefix, else its eos/pad."""
+        """Tokens that start a plain (non-chat) prompt (:func:`ctx2param.alignment.plain_start_ids`)."""
         if self._start is None:
-            tok = self.tokenizer
-            with_special = tok("a", add_special_tokens=True)["input_ids"]
-            without = tok("a", add_special_tokens=False)["input_ids"]
-            prefix = with_special[: len(with_special) - len(without)]
-            if prefix and with_special[len(prefix) :] == without:
-                self._start = list(prefix)
-            else:
-                eos = getattr(tok, "eos_token_id", None)
-                self._start = [eos if isinstance(eos, int) else self.pad_id]
+            self._start = plain_start_ids(self.tokenizer, self.pad_id)
         return list(self._start)
 
     def prompt_ids(self, queries: Sequence[str], contexts: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -438,24 +431,11 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+def _pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [N, T]`` and ``mask [N, T]`` on ``device`` (:func:`ctx2param.alignment.pad_token_lists`)."""
+    ids, mask = pad_token_lists(rows, pad_id, left=left)
     return ids.to(device), mask.to(device)
 
 
@@ -519,13 +499,13 @@ def choice_logprobs(
     width_c = max(len(row) for row in rows)
     with _autocast(device), apply_adapter(lm, adapter):
         if share_prompt:
-            ids, mask = _left_pad(prompts, pad_id, device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask = _pad(prompts, pad_id, device, left=True)
+            positions = position_ids_from_mask(mask)
             out = _forward(
                 lm, True, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
             )
             first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [N, V]
-            cids, cmask = _right_pad(rows, pad_id, device)  # [N·C, Lc]
+            cids, cmask = _pad(rows, pad_id, device, left=False)  # [N·C, Lc]
             lp_first = first.gather(1, cids[:, 0].view(n, per_q)).reshape(-1, 1)  # [N·C, 1]
             if width_c > 1:
                 index = torch.arange(n, device=device).repeat_interleave(per_q)
@@ -545,7 +525,7 @@ def choice_logprobs(
                 logp = lp_first
         else:
             full = [list(prompts[r // per_q]) + row for r, row in enumerate(rows)]
-            ids, mask = _right_pad(full, pad_id, device)
+            ids, mask = _pad(full, pad_id, device, left=False)
             logits = lm(input_ids=ids, attention_mask=mask).logits
             starts = [len(prompts[r // per_q]) for r in range(len(rows))]
             idx = torch.tensor(
@@ -589,7 +569,7 @@ def generate_answers(
         adapter: a batched adapter of ``N`` examples, one single adapter, or None.
     """
     device = lm.get_input_embeddings().weight.device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = _pad(prompts, pad_id, device, left=True)
     with _autocast(device), apply_adapter(lm, adapter):
         if use_generate:
             out = lm.generate(
@@ -623,7 +603,7 @@ def _greedy(
     """Greedy tokens ``[N][<= max_new_tokens]`` after left-padded ``ids [N, T]`` / ``mask [N, T]``."""
     device = ids.device
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     out = _forward(lm, True, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     position = positions[:, -1:]
@@ -753,7 +733,7 @@ class _Run:
         self.device = model.device
         self.score_tokens = config.score_tokens or (131072 if self.device.type == "cuda" else 4096)
         self.max_items = 512 if self.device.type == "cuda" else 64
-        self.makers: dict[str, _AdapterMaker] = {}
+        self.maker: _AdapterMaker | None = None  # made on first use (generators only)
 
     def _progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
@@ -761,9 +741,14 @@ class _Run:
         return tqdm(total=total, desc=desc, disable=not self.config.progress, leave=False, unit="ex")
 
     def _maker(self) -> _AdapterMaker:
-        if "maker" not in self.makers:
-            self.makers["maker"] = _AdapterMaker(self.model.generator, self.device)
-        return self.makers["maker"]
+        if self.maker is None:
+            self.maker = _AdapterMaker(self.model.generator, self.device)
+        return self.maker
+
+    @property
+    def adapter_seconds(self) -> float:
+        """Time spent making adapters so far in this run."""
+        return self.maker.seconds if self.maker is not None else 0.0
 
     def prompts(self, items: Sequence[EvalItem], system: str, reserve: int) -> tuple[list[list[int]], int]:
         """Prompt ids of every item for ``system`` and the number of prompts cut to the window."""
@@ -945,14 +930,12 @@ def run_evaluation(
             if system == "closed" and closed_row is not None:
                 rows.append({**closed_row, "k": k, "reused_from_k": closed_row["k"]})
                 continue
-            maker = run.makers.get("maker")
-            adapter_before = maker.seconds if maker else 0.0
+            adapter_before = run.adapter_seconds
             _sync(run.device)
             t0 = time.perf_counter()
             predictions, stats = run.run(items, system, k)
             _sync(run.device)
             wall = time.perf_counter() - t0
-            maker = run.makers.get("maker")
             row = {
                 "system": system,
                 "k": k,
@@ -960,7 +943,7 @@ def run_evaluation(
                 **stats,
                 "wall_time_s": wall,
                 "time_per_query_s": wall / len(items),
-                "adapter_time_s": (maker.seconds - adapter_before) if maker and system != "closed" else 0.0,
+                "adapter_time_s": run.adapter_seconds - adapter_before if system != "closed" else 0.0,
                 "reused_from_k": None,
             }
             rows.append(row)

@@ -243,14 +243,7 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
     # ------------------------------------------------------------------------------ adapter generation
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[C, L, T, D]`` hidden states of the adapted layers (frozen base, no gradient)."""
-        body = getattr(self.base_lm, "base_model", None)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
-        with torch.no_grad(), apply_adapter(self.base_lm, None):
-            if isinstance(body, nn.Module) and body is not self.base_lm:
-                out = body(**kwargs, use_cache=False)
-            else:
-                out = self.base_lm(**kwargs, use_cache=False, logits_to_keep=1)
-        states = out.hidden_states
+        states = self.frozen_hidden_states(input_ids, attention_mask, all_layers=True)
         offset = self.config.hidden_state_offset
         return torch.stack([states[layer + offset] for layer in self.layout.layers], 1)
 

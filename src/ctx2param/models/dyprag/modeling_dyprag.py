@@ -31,7 +31,6 @@ from torch import nn
 
 from ...adapter import ContextAdapter
 from ...alignment import ChunkAlignmentMixin
-from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
 from ...modules import LayerKindLayout
 from .configuration_dyprag import DyPRAGConfig
@@ -156,20 +155,7 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
         device = self.base_device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         layer = self.config.pooling_layer
-        body = getattr(self.base_lm, "base_model", None)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "use_cache": False,
-            "output_hidden_states": layer != -1,
-        }
-        with torch.no_grad(), apply_adapter(self.base_lm, None):
-            if isinstance(body, nn.Module) and body is not self.base_lm:
-                out = body(**kwargs)
-                states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-            else:
-                kwargs["output_hidden_states"] = True
-                states = self.base_lm(**kwargs, logits_to_keep=1).hidden_states[layer]
+        states = self.frozen_hidden_states(input_ids, attention_mask, all_layers=layer != -1)[layer]
         mask = attention_mask.to(torch.float32)[..., None]
         return (states.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
