@@ -130,7 +130,7 @@ def _check_quantization_available(quantization_config: Any) -> None:
         )
 
 
-def _base_load_message(base: str | os.PathLike, revision: str | None, err: OSError) -> str:
+def _base_load_message(base: str | os.PathLike, revision: str | None, err: Exception) -> str:
     from huggingface_hub import constants
 
     where = f"{str(base)!r}" + (f" (revision {revision!r})" if revision else "")

@@ -87,11 +87,12 @@ def _load(args: argparse.Namespace) -> Any:
         return EvalModel.from_generator(generator, name=args.model, revision=args.revision)
     if args.base:
         raise ValueError(f"--base applies to generators; {args.model} is a plain causal LM.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    kwargs = base_load_kwargs(args)
-    lm = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, **kwargs).eval()
-    lm.requires_grad_(False)
+    from ..modeling_utils import load_base_model
+
+    # the loader generators use too: frozen, eval mode, 4-bit layers guarded, clear errors
+    lm = load_base_model(args.model, revision=args.revision, **base_load_kwargs(args))
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     return EvalModel(lm, tokenizer, name=args.model, revision=args.revision)
 
