@@ -436,3 +436,21 @@ def test_a_hub_adapter_that_is_not_cached_while_local_files_only(local_hub):
     repository and why it cannot be fetched."""
     with pytest.raises(AdapterFileError, match="'ctx2param-tests/never-cached' is not in the local cache"):
         ContextAdapter.from_pretrained("ctx2param-tests/never-cached", local_files_only=True)
+
+
+def test_write_text_atomically_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """The one single-file writer (card data, JSONL, eval reports): a failed write leaves the previous file
+    whole and no temporary file behind."""
+    from ctx2param.file_utils import write_text_atomically
+
+    target = tmp_path / "results.json"
+    write_text_atomically(target, "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ctx2param.file_utils.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomically(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -29,6 +29,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .adapter import ContextAdapter
 from .errors import Ctx2ParamError
+from .file_utils import write_text_atomically
 
 __all__ = [
     "CITATIONS",
@@ -247,11 +248,7 @@ class CardData:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON to ``path`` (through a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CardData:

@@ -1,4 +1,4 @@
-"""Atomic folder writes and checksums, shared by adapters and generator checkpoints."""
+"""Atomic file and folder writes and checksums, shared by adapters, checkpoints, cards, data and reports."""
 
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, then a rename: a
+    reader sees the old file or the new one, never half of one; the temporary file is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_folder_atomically(

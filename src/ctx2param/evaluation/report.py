@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..file_utils import write_text_atomically
+
 __all__ = [
     "SCHEMA",
     "TASK_DATA",
@@ -172,12 +174,6 @@ def plot_results(data: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(data: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:
     """Write ``results.json``, ``results.md``, ``score_vs_k.png`` and ``time_vs_k.png`` into ``out``."""
     out = Path(out)
@@ -186,8 +182,8 @@ def write_report(data: Mapping[str, Any], out: str | os.PathLike) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     data = load_results(data)
     files = {"json": out / "results.json", "markdown": out / "results.md"}
-    _write_atomic(files["json"], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(files["markdown"], results_to_markdown(data))
+    write_text_atomically(files["json"], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(files["markdown"], results_to_markdown(data))
     score, timing = plot_results(data, out)
     files.update(score_plot=score, time_plot=timing)
     return files

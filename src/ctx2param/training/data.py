@@ -38,7 +38,6 @@ import bisect
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -56,6 +55,7 @@ from ctx2param.evaluation.datasets import (
     load_squad,
     seeded_rng,
 )
+from ctx2param.file_utils import write_text_atomically
 
 __all__ = [
     "CONTAMINATION_NGRAM",
@@ -266,14 +266,7 @@ def save_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
     if not lines:
         raise ValueError("No records to write: save_jsonl needs at least one TrainingExample or Passage.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 
