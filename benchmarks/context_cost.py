@@ -574,10 +574,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "results": {},
     }
-    for k in args.ks:
+    # the report is rewritten after every k, so a run stopped by a time limit keeps the rows it finished
+    report["complete"] = False
+    for i, k in enumerate(args.ks):
         report["results"][f"k_{k}"] = bench_k(model, k, args, device)
+        report["complete"] = i == len(args.ks) - 1
+        write_report(report, out, started, load_before)
         print(f"k={k} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    write_report(report, out, started, load_before)
     print_table(report)
     print(f"\nwritten to {out}")
     return report

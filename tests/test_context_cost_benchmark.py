@@ -52,7 +52,9 @@ def test_tiny_run_writes_every_field(script, tmp_path, capsys, method):
         "results",
         "load_average_before_after",
         "wall_s",
+        "complete",
     } <= set(report)
+    assert report["complete"] is True
     settings = report["settings"]
     assert settings["method"] == method and settings["trained"] is False
     assert settings["k"] == [1, 3] and settings["questions"] == 3 and settings["batch_size"] == 3
@@ -122,3 +124,22 @@ def test_bad_arguments(script):
     assert args.questions == 64 and args.dtype == "bfloat16" and args.batch_size == 64
     args = script.parse_args([])
     assert args.questions == 8 and args.dtype == "float32" and args.ks == [1, 4, 16]
+
+
+def test_report_keeps_finished_rows_when_a_later_k_fails(script, tmp_path, monkeypatch):
+    """The JSON is rewritten after every k: a run stopped during k = 3 keeps k = 1, marked incomplete."""
+    bench_k = script.bench_k
+
+    def stop_at_k3(model, k, args, device):
+        if k == 3:
+            raise KeyboardInterrupt("stopped by a time limit")
+        return bench_k(model, k, args, device)
+
+    monkeypatch.setattr(script, "bench_k", stop_at_k3)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        argv = ["--tiny", "--data", "builtin", "--k", "1,3", "--questions", "2", "--max-new-tokens", "2",
+                "--decode-tokens", "2", "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+        script.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and set(partial["results"]) == {"k_1"}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU call 3 of a lease: measure the base's weight memory, wait for the trainings that train.sh started,
-# time the context-cost benchmark, evaluate the trained generators side by side, wait for the baselines
+# evaluate the trained generators side by side, time the context-cost benchmark, wait for the baselines
 # that train.sh started, and pack everything into $OUT (results.tgz, plus the generators' weights in bf16 as weights.tgz.part-*).
 #   bash hub_scripts/gpu/evaluate.sh [DEADLINE_SECONDS]
 set -uo pipefail
@@ -19,18 +19,12 @@ for name in compas dyprag stream_adapter; do
     echo "$name training: $(kill -0 "$pid" 2>/dev/null && echo STILL RUNNING || echo ended) at $((SECONDS - start)) s"
     tail -n 3 "$RUNS/$name.log" | cut -c1-400
 done
-if [[ -f benchmarks/context_cost.py ]]; then
-    timeout 240 python3 benchmarks/context_cost.py --device cuda --dtype bfloat16 --base "$BASE" \
-        --k 1,4,16 --questions 64 --repeats 3 --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
-    echo "context_cost rc=$? ($((SECONDS - start)) s)"; tail -n 15 "$RUNS/context_cost.log"
-fi
 bg() {  # name, command... (bounded by the deadline)
     local name="$1"
     shift
-    timeout "$(($(left) - 40))" "$@" >"$RUNS/$name.log" 2>&1 &
+    timeout "$(( $(left) - 200 > 30 ? $(left) - 200 : 30 ))" "$@" >"$RUNS/$name.log" 2>&1 &
     echo "started $name"
 }
-EVAL=(python3 -m ctx2param eval --device cuda --dtype bfloat16 --no-progress --seed 0)
 bg eval_compas python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/compas" --eval-only \
     --eval-squad 200 --eval-batch-size 50
 bg eval_dyprag python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/dyprag" --eval-only \
@@ -38,7 +32,12 @@ bg eval_dyprag python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/d
 bg eval_stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
     --eval-only --eval 300
 wait
-for name in baseline_squad_k baseline_arc-easy-k baseline_arc-challenge-k baseline_mmlu-k; do
+# context cost last (its JSON is rewritten after every k, so the deadline keeps the rows it finished)
+timeout "$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))" python3 benchmarks/context_cost.py --device cuda \
+    --dtype bfloat16 --base "$BASE" --k 1,4,16 --questions 64 --repeats 3 --decode-tokens 64 \
+    --out "$RESULTS/context_cost_cuda.json" >"$RUNS/context_cost.log" 2>&1
+echo "context_cost rc=$? ($((SECONDS - start)) s)"; tail -n 15 "$RUNS/context_cost.log"
+for name in baseline_squad_k baseline_squad_k_long baseline_mmlu-k baseline_mmlu-k_25; do
     pid=$(cat "$RUNS/$name.pid" 2>/dev/null || echo 0)
     while kill -0 "$pid" 2>/dev/null && (($(left) > 45)); do sleep 5; done
     echo "$name: $(kill -0 "$pid" 2>/dev/null && echo STILL RUNNING || echo ended) at $((SECONDS - start)) s"

@@ -26,19 +26,23 @@ launch dyprag python3 hub_scripts/train_compas.py --method dyprag --base "$BASE"
     --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3
 launch stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" --out "$RUNS/stream_adapter" \
     --minutes "$MINUTES" --total-minutes "$MINUTES" --workers 5
-# closed-book / ICL baselines of the base model (inference only), in the background beside the trainings
+# closed-book / ICL baselines of the base model (inference only), in the background beside the trainings;
+# ARC-Easy / ARC-Challenge are done (benchmarks/results/baselines/). SQuAD-k and MMLU run in two parts each
+# so that they finish in the lease; the parts' results.json are merged afterwards (`ctx2param merge-results`).
 EVAL=(python3 -m ctx2param eval --device cuda --dtype bfloat16 --no-progress --seed 0 --model "$BASE")
-launch baseline_squad_k timeout 1200 "${EVAL[@]}" --task squad-k --k 1,2,4,8,16,32,64 --n 1000 \
+BASELINES="baseline_squad_k baseline_squad_k_long baseline_mmlu-k baseline_mmlu-k_25"
+launch baseline_squad_k timeout 1200 "${EVAL[@]}" --task squad-k --k 1,2,4,8,16 --n 1000 \
     --systems closed,icl --batch-size 64 --out "$RESULTS/baseline_squad_k"
-for task in arc-easy-k arc-challenge-k mmlu-k; do
-    launch "baseline_$task" timeout 1200 "${EVAL[@]}" --task "$task" --k 0,1,5,25 --systems closed,icl \
-        --out "$RESULTS/baseline_$task"
-done
+launch baseline_squad_k_long timeout 1200 "${EVAL[@]}" --task squad-k --k 32,64 --n 1000 \
+    --systems icl --batch-size 64 --out "$RESULTS/baseline_squad_k_long"
+launch baseline_mmlu-k timeout 1200 "${EVAL[@]}" --task mmlu-k --k 0,1,5 --systems closed,icl \
+    --out "$RESULTS/baseline_mmlu-k"
+launch baseline_mmlu-k_25 timeout 1200 "${EVAL[@]}" --task mmlu-k --k 25 --systems icl \
+    --out "$RESULTS/baseline_mmlu-k_25"
 while ((SECONDS - start < WATCH)); do
     sleep 45
     echo "--- $((SECONDS - start)) s: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
-    for name in compas dyprag stream_adapter baseline_squad_k baseline_arc-easy-k baseline_arc-challenge-k \
-        baseline_mmlu-k; do
+    for name in compas dyprag stream_adapter $BASELINES; do
         alive=$(kill -0 "$(cat "$RUNS/$name.pid")" 2>/dev/null && echo running || echo ended)
         echo "$name [$alive]: $(tail -c 300 "$RUNS/$name.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -1 | cut -c1-200)"
     done
