@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from ctx2param import AutoModelForContextAdaptation, ContextAdapter
 from ctx2param.cards import CardData
@@ -16,6 +17,7 @@ from ctx2param.cli import main
 from ctx2param.hub import CARD_DATA_NAME, folder_card, get_card_data
 from ctx2param.models.compas import CompAsConfig, CompAsModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
+from ctx2param.training.callbacks import NonFiniteGradientGuard
 from ctx2param.training.data import TrainingExample, load_jsonl, save_jsonl
 from ctx2param.training.trainer import (
     MAX_CARD_LOSS_ROWS,
@@ -275,3 +277,43 @@ def test_train_command_records_the_built_in_sources():
     assert (coqa["name"], coqa["id"], coqa["num_examples"]) == ("CoQA", "stanfordnlp/coqa", 2)
     assert "CC BY-SA 4.0" in coqa["license"] and "MSR-LA" in coqa["license"]
     assert (boolq["name"], boolq["id"], boolq["license"]) == ("BoolQ", "google/boolq", "CC BY-SA 3.0")
+
+
+class _PoisonGradients(TrainerCallback):
+    """Puts a NaN into one gradient before the optimizer steps given (1-based); snapshots weights per step."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.weights = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps:
+            next(p for p in model.method_parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {k: v.clone() for k, v in model.method_state_dict().items()}
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_the_weights_stay_finite(tmp_path):
+    model = make()
+    poison = _PoisonGradients(steps=[2])
+    trainer = train_method(model, EXAMPLES, tmp_path, max_steps=3, callbacks=[poison], **QUIET)
+    assert trainer.gradient_guard.skipped_steps == 1
+    before, at_2, at_3 = poison.weights[1], poison.weights[2], poison.weights[3]
+    assert all(torch.equal(at_2[k], before[k]) for k in before)  # step 2 changed nothing
+    assert any(not torch.equal(at_3[k], at_2[k]) for k in at_2)  # step 3 trained again
+    assert all(torch.isfinite(v).all() for v in model.method_state_dict().values())
+    assert step_losses(trainer)[3]["skipped_nonfinite_steps"] == 1
+
+
+def test_training_stops_after_consecutive_nan_steps(tmp_path):
+    model = make()
+    initial = {k: v.clone() for k, v in model.method_state_dict().items()}
+    trainer = train_method(
+        model, EXAMPLES, tmp_path, max_steps=6, callbacks=[_PoisonGradients(range(1, 7)),
+        NonFiniteGradientGuard(max_consecutive=2)], **QUIET,
+    )  # fmt: skip
+    assert trainer.state.global_step == 2 and trainer.gradient_guard.skipped_steps == 2
+    assert all(torch.equal(v, initial[k]) for k, v in model.method_state_dict().items())
+    with pytest.raises(ValueError, match="max_consecutive"):
+        NonFiniteGradientGuard(max_consecutive=-1)

@@ -11,6 +11,9 @@ from ``transformers.Trainer``. What is specific:
   parameters (the base model is frozen and checked to be), and loads checkpoints through the method's own
   ``load_method_weights`` — a checkpoint holds the method's weights only (``save_pretrained`` writes no base
   weights), plus the Trainer's optimizer, scheduler, RNG and state files, so resuming continues exactly;
+- an optimizer step whose gradients are not finite is skipped
+  (:class:`~ctx2param.training.callbacks.NonFiniteGradientGuard`; ``skipped_nonfinite_steps`` is logged), so
+  one overflow under bf16 autocast cannot turn every weight into NaN;
 - :func:`train_method` is the one-call API.
 
 Card data (sentence-transformers keeps its ``model_card_data`` the same way): the trainer fills
@@ -39,6 +42,7 @@ from transformers import Trainer, TrainingArguments
 from ..cards import CardData
 from ..evaluation.datasets import seeded_rng
 from ..hub import CARD_DATA_NAME, get_card_data
+from .callbacks import NonFiniteGradientGuard
 from .data import TrainingExample
 
 __all__ = [
@@ -184,6 +188,11 @@ class ContextAdaptationTrainer(Trainer):
         self._component_keys: set[str] = set()
         self._train_started: float | None = None
         self._time_before = 0.0  # training time of the run a resumed one continues
+        guards = [cb for cb in self.callback_handler.callbacks if isinstance(cb, NonFiniteGradientGuard)]
+        if not guards:
+            guards = [NonFiniteGradientGuard()]
+            self.add_callback(guards[0])
+        self.gradient_guard: NonFiniteGradientGuard = guards[0]
 
     # ------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -228,6 +237,8 @@ class ContextAdaptationTrainer(Trainer):
                 logs[key] = round(float(total) / self._component_count, 6)
             self._component_sums = {}
             self._component_count = 0
+            if self.gradient_guard.skipped_steps:
+                logs["skipped_nonfinite_steps"] = self.gradient_guard.skipped_steps
         super().log(logs, *args, **kwargs)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
