@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU call 2 of a short lease (after stage1.sh): retrain the DyPRAG baseline for MINUTES with the
+# non-finite-gradient guard (the 10-minute run of 2026-12-01 turned every weight into NaN at step 531), then
+# its SQuAD-200 reading. Outputs go to $OUT as they are made, so a time limit keeps what finished.
+#   bash hub_scripts/gpu/dyprag_rerun.sh MINUTES
+#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz
+set -uo pipefail
+MINUTES="${1:-2.2}"
+start=$SECONDS
+bash hub_scripts/gpu/stage2.sh || exit 1
+source hub_scripts/gpu/env.sh
+BASE="$(base_path)"
+gunzip -c runs/compas_data.jsonl.gz >"$RUNS/compas_data.jsonl"
+python3 hub_scripts/train_compas.py --method dyprag --base "$BASE" --data "$RUNS/compas_data.jsonl" \
+    --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3 >"$RUNS/dyprag.log" 2>&1
+echo "training rc=$? at $((SECONDS - start)) s"; tail -n 2 "$RUNS/dyprag.log" | cut -c1-400
+mkdir -p "$OUT/dyprag"
+cp "$RUNS/dyprag"/*.json "$RUNS/dyprag"/*.jsonl "$RUNS/dyprag"/*.png "$OUT/dyprag/" 2>/dev/null
+cp "$RUNS/dyprag.log" "$OUT/dyprag/train_stdout.log"
+python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/dyprag" --eval-only --eval-squad 200 \
+    --eval-batch-size 100 >"$RUNS/eval_dyprag.log" 2>&1
+echo "eval rc=$? at $((SECONDS - start)) s"; tail -n 5 "$RUNS/eval_dyprag.log" | cut -c1-300
+cp "$RUNS/dyprag/squad_eval.json" "$RUNS/eval_dyprag.log" "$OUT/dyprag/" 2>/dev/null
+python3 hub_scripts/gpu/summary.py "$OUT"
