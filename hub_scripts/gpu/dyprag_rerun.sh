@@ -15,8 +15,15 @@ python3 hub_scripts/train_compas.py --method dyprag --base "$BASE" --data "$RUNS
     --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3 >"$RUNS/dyprag.log" 2>&1
 echo "training rc=$? at $((SECONDS - start)) s"; tail -n 2 "$RUNS/dyprag.log" | cut -c1-400
 mkdir -p "$OUT/dyprag"
-cp "$RUNS/dyprag"/*.json "$RUNS/dyprag"/*.jsonl "$RUNS/dyprag"/*.png "$OUT/dyprag/" 2>/dev/null
+cp "$RUNS/dyprag"/*.json "$RUNS/dyprag"/train_log.jsonl "$RUNS/dyprag"/*.png "$OUT/dyprag/" 2>/dev/null
 cp "$RUNS/dyprag.log" "$OUT/dyprag/train_stdout.log"
+OUT="$OUT" python3 - <<'PY'  # the weights in bf16 (6.4 MB -> 3.2 MB), so that a later CPU evaluation can use them
+import os
+import torch
+from safetensors.torch import load_file, save_file
+src, out = os.environ["RUNS"] + "/dyprag/model.safetensors", os.environ["OUT"] + "/dyprag/model.safetensors.bf16"
+save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(src).items()}, out)
+PY
 python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/dyprag" --eval-only --eval-squad 200 \
     --eval-batch-size 100 >"$RUNS/eval_dyprag.log" 2>&1
 echo "eval rc=$? at $((SECONDS - start)) s"; tail -n 5 "$RUNS/eval_dyprag.log" | cut -c1-300

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU call 3 of a lease: measure the base's weight memory, wait for the trainings that train.sh started,
 # evaluate the trained generators side by side, time the context-cost benchmark, wait for the baselines
-# that train.sh started, and pack everything into $OUT (results.tgz, plus the generators' weights in bf16 as weights.tgz.part-*).
+# that train.sh started, and pack everything into $OUT (results.tgz.part-*, plus the generators' weights in
+# bf16 as weights.tgz.part-*).
 #   bash hub_scripts/gpu/evaluate.sh [DEADLINE_SECONDS]
 set -uo pipefail
 DEADLINE="${1:-560}"
@@ -45,11 +46,12 @@ done
 for f in "$RUNS"/eval_*.log "$RUNS"/baseline_*.log; do echo "== $f"; tail -n 12 "$f" | cut -c1-300; done
 for name in compas dyprag stream_adapter; do
     mkdir -p "$RESULTS/$name"
-    cp "$RUNS/$name"/*.json "$RUNS/$name"/*.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null
+    cp "$RUNS/$name"/*.json "$RUNS/$name"/train_log.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null
     cp "$RUNS/$name.log" "$RESULTS/$name/train_stdout.log" 2>/dev/null
 done
 cp "$RUNS"/*.log "$RESULTS/" 2>/dev/null
-tar czf "$OUT/results.tgz" -C /tmp results
+# $OUT takes files of at most 16 MiB: the archive goes in 15 MB parts (cat results.tgz.part-* | tar xz)
+tar czf /tmp/results.tgz -C /tmp results && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
 python3 - <<'PY'
 import os
 from pathlib import Path

@@ -33,11 +33,12 @@ EVAL=(python3 -m ctx2param eval --device cuda --dtype bfloat16 --no-progress --s
 BASELINES="baseline_squad_k baseline_squad_k_long baseline_mmlu-k baseline_mmlu-k_25"
 launch baseline_squad_k timeout 1200 "${EVAL[@]}" --task squad-k --k 1,2,4,8,16 --n 1000 \
     --systems closed,icl --batch-size 64 --out "$RESULTS/baseline_squad_k"
+# batch 16 at k >= 32: at batch 64 the 8k-token prompts took ~40 GB, and beside the trainings the GPU ran out
 launch baseline_squad_k_long timeout 1200 "${EVAL[@]}" --task squad-k --k 32,64 --n 1000 \
-    --systems icl --batch-size 64 --out "$RESULTS/baseline_squad_k_long"
+    --systems icl --batch-size 16 --out "$RESULTS/baseline_squad_k_long"
 launch baseline_mmlu-k timeout 1200 "${EVAL[@]}" --task mmlu-k --k 0,1,5 --systems closed,icl \
     --out "$RESULTS/baseline_mmlu-k"
-launch baseline_mmlu-k_25 timeout 1200 "${EVAL[@]}" --task mmlu-k --k 25 --systems icl \
+launch baseline_mmlu-k_25 timeout 1200 "${EVAL[@]}" --task mmlu-k --k 25 --systems icl --batch-size 8 \
     --out "$RESULTS/baseline_mmlu-k_25"
 while ((SECONDS - start < WATCH)); do
     sleep 45
