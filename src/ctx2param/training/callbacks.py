@@ -50,7 +50,10 @@ class NonFiniteGradientGuard(TrainerCallback):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return control
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # one norm per gradient, then of those: a single host sync (works on torch < 2.6, no get_total_norm)
+        device = params[0].grad.device  # a model spread over devices: gather the norms on one
+        norms = [torch.linalg.vector_norm(p.grad.float()).to(device) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         if bool(torch.isfinite(norm)):
             self.consecutive = 0
             return control
