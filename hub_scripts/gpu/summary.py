@@ -4,8 +4,8 @@
     python hub_scripts/gpu/summary.py RESULTS_DIR
 
 Reads what ``train.sh`` / ``evaluate.sh`` gathered in RESULTS_DIR (``<run>/train_metrics.json``,
-``<run>/squad_eval.json``, ``<run>/heldout_eval.json``, ``baseline_*/results.json``); missing files are
-reported as missing, never guessed.
+``<run>/squad_eval/results.json``, ``<run>/heldout_eval.json``, ``baseline_*/results.json``); missing files
+are reported as missing, never guessed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def training_rows(root: Path) -> list[str]:
                 m["global_step"],
                 m["tokens_per_s"],
                 m["mfu"],
-                m["peak_memory_gb"],
+                m.get("peak_memory_gib", m.get("peak_memory_gb")),  # GiB under either name
                 m["train_seconds"],
             )
         else:  # hub_scripts/train_stream_adapter.py
@@ -56,9 +56,13 @@ def training_rows(root: Path) -> list[str]:
 def squad_rows(root: Path) -> list[str]:
     rows = []
     for name in ("compas", "dyprag"):
-        data = _read(root / name / "squad_eval.json")
+        report = root / name / "squad_eval" / "results.json"  # ctx2param eval's report
+        if report.is_file():
+            rows.append(results_row(f"{name} SQuAD-k", report))
+            continue
+        data = _read(root / name / "squad_eval.json")  # the format of the runs before 2026-12-02
         if data is None:
-            rows.append(f"{name}: no squad_eval.json")
+            rows.append(f"{name}: no squad_eval/results.json")
             continue
         for k, row in data["k"].items():
             cells = ", ".join(f"{s} {v['f1']:.1f}" for s, v in row.items() if isinstance(v, dict))
@@ -77,21 +81,22 @@ def heldout_rows(root: Path) -> list[str]:
     ]
 
 
+def results_row(label: str, path: Path) -> str:
+    """One line of a ``ctx2param eval`` results.json: the primary metric of every (system, k)."""
+    data = _read(path)
+    if data is None:
+        return f"{label}: no results.json"
+    metric = data["task"]["primary_metric"]
+    cells = [
+        f"{r['system']}@{r['k']}={100 * r['scores'][metric]:.1f}"
+        for r in data["results"]
+        if metric in r["scores"]
+    ]
+    return f"{label} ({metric}, n={data['settings']['n']}): " + " ".join(cells)
+
+
 def baseline_rows(root: Path) -> list[str]:
-    rows = []
-    for folder in sorted(root.glob("baseline_*")):
-        data = _read(folder / "results.json")
-        if data is None:
-            rows.append(f"{folder.name}: no results.json")
-            continue
-        metric = data["task"]["primary_metric"]
-        cells = [
-            f"{r['system']}@{r['k']}={100 * r['scores'][metric]:.1f}"
-            for r in data["results"]
-            if metric in r["scores"]
-        ]
-        rows.append(f"{folder.name} ({metric}, n={data['settings']['n']}): " + " ".join(cells))
-    return rows
+    return [results_row(folder.name, folder / "results.json") for folder in sorted(root.glob("baseline_*"))]
 
 
 def main(argv: list[str]) -> int:

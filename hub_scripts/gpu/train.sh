@@ -4,7 +4,8 @@
 # baselines of the base model beside them (setsid: they outlive this call while the machine stays warm),
 # and watch them until this call's time is nearly up.
 #   bash hub_scripts/gpu/train.sh MINUTES [WATCH_SECONDS]
-#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz
+#   carry: .gguf/smollm2.gguf.part-ab, .gpu/site.tgz, runs/compas_data.jsonl.gz,
+#          runs/compas_data.jsonl.sources.json
 set -euo pipefail
 MINUTES="${1:-10.2}"
 WATCH="${2:-540}"
@@ -13,6 +14,7 @@ bash hub_scripts/gpu/stage2.sh
 source hub_scripts/gpu/env.sh
 BASE="$(base_path)"
 gunzip -c runs/compas_data.jsonl.gz >"$RUNS/compas_data.jsonl"
+cp runs/compas_data.jsonl.sources.json "$RUNS/"  # the mix's sources, for the model card
 launch() {  # name, command...
     local name="$1"
     shift
