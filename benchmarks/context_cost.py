@@ -17,9 +17,10 @@ Also measured, per k:
 - ``prefill``: adapter generation time against one plain no-grad forward of the base over the same tokens
   (the same chunk token ids the generator reads, one right-padded batch, ``use_cache=True``, logits of the
   last position only): what reading the passages costs without making an adapter.
-- ``decode``: per-token decode time with the adapter attached against the bare base: a question prompt is
-  prefilled (not timed), then ``--decode-tokens`` N greedy steps with the KV cache are timed and divided by N;
-  batch 1 and the answering batch size.
+- ``decode``: per-token decode time with the adapter attached (hooks) against the bare base, and with the
+  adapter merged into the weights (``model.adapted(adapter, merge=True)``; float bases only): a question
+  prompt is prefilled (not timed), then ``--decode-tokens`` N greedy steps with the KV cache are timed and
+  divided by N; batch 1 and the answering batch size.
 
 Timings: ``--repeats`` timed repeats after one warm-up; median and 90th percentile (nearest rank) of
 wall-clock time and of this process's CPU time. The two systems alternate within each repeat (the order flips
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 
 from ctx2param.alignment import pad_token_lists
+from ctx2param.modules import is_quantized_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
 from _common import (  # noqa: E402
@@ -317,11 +319,19 @@ def prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
         model.base_lm(**kwargs)
 
 
-def decode_steps(model: Any, ids: torch.Tensor, mask: torch.Tensor, adapter: Any, steps: int) -> float:
-    """Prefill ``ids`` (not timed), then ``steps`` greedy steps with the KV cache; returns their wall time."""
+def is_quantized_base(model: Any) -> bool:
+    """Whether any layer of the base is quantized (bitsandbytes): then ΔW cannot be merged into weights."""
+    return any(is_quantized_module(m) for m in model.base_lm.modules())
+
+
+def decode_steps(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, adapter: Any, steps: int, merge: bool = False
+) -> float:
+    """Prefill ``ids`` (not timed), then ``steps`` greedy steps with the KV cache; returns their wall time.
+    ``merge``: the adapter's ΔW is in the weights (``model.adapted(adapter, merge=True)``), not in hooks."""
     device = model.base_device
     ids, mask = ids.to(device), mask.to(device)
-    with torch.no_grad(), model.adapted(adapter):
+    with torch.no_grad(), model.adapted(adapter, merge=merge):
         out = model.base_lm(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -398,28 +408,34 @@ def bench_k(model: Any, k: int, args: argparse.Namespace, device: torch.device) 
     # per-token decode, bare base vs the adapter attached, batch 1 and the answering batch
     adapter = state["adapter"]
     decode: dict[str, Any] = {}
+    # "merged": ΔW added into the weights for the block (float bases only; a quantized base takes hooks)
+    modes = ("base", "adapted", "merged") if not is_quantized_base(model) else ("base", "adapted")
+
+    def run_mode(mode: str, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+        return decode_steps(
+            model, ids, mask, None if mode == "base" else adapter, steps, merge=mode == "merged"
+        )
+
     for batch in sorted({1, min(args.batch_size, len(bare_prompts))}):
         ids, mask = pad_token_lists(bare_prompts[:batch], pad_id(model), left=True)
-        decode_steps(model, ids, mask, None, 2), decode_steps(model, ids, mask, adapter, 2)  # warm-up
-        per: dict[str, list[float]] = {"base": [], "adapted": []}
+        for mode in modes:  # warm-up
+            run_mode(mode, ids, mask, 2)
+        per: dict[str, list[float]] = {mode: [] for mode in modes}
         for i in range(args.repeats):
-            for mode in ("base", "adapted")[:: 1 if i % 2 == 0 else -1]:
-                seconds = decode_steps(
-                    model, ids, mask, adapter if mode == "adapted" else None, args.decode_tokens
-                )
-                per[mode].append(seconds / args.decode_tokens)
-        base_s, adapted_s = statistics.median(per["base"]), statistics.median(per["adapted"])
-        decode[f"batch_{batch}"] = {
-            "batch": batch,
-            "new_tokens": args.decode_tokens,
-            "base_s_per_token": base_s,
-            "adapted_s_per_token": adapted_s,
-            "base_p90_s_per_token": p90(per["base"]),
-            "adapted_p90_s_per_token": p90(per["adapted"]),
-            "overhead_percent": 100.0 * (adapted_s / base_s - 1.0),
-            "all_base_s_per_token": [round(t, 7) for t in per["base"]],
-            "all_adapted_s_per_token": [round(t, 7) for t in per["adapted"]],
-        }
+            for mode in modes[:: 1 if i % 2 == 0 else -1]:
+                per[mode].append(run_mode(mode, ids, mask, args.decode_tokens) / args.decode_tokens)
+        median = {mode: statistics.median(times) for mode, times in per.items()}
+        entry: dict[str, Any] = {"batch": batch, "new_tokens": args.decode_tokens}
+        for mode in modes:
+            entry[f"{mode}_s_per_token"] = median[mode]
+        for mode in modes:
+            entry[f"{mode}_p90_s_per_token"] = p90(per[mode])
+        entry["overhead_percent"] = 100.0 * (median["adapted"] / median["base"] - 1.0)
+        if "merged" in median:
+            entry["merged_overhead_percent"] = 100.0 * (median["merged"] / median["base"] - 1.0)
+        for mode in modes:
+            entry[f"all_{mode}_s_per_token"] = [round(t, 7) for t in per[mode]]
+        decode[f"batch_{batch}"] = entry
 
     # tokens and derived numbers
     q, new = args.questions, args.max_new_tokens
@@ -594,7 +610,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"batch {s['batch_size']}, {s['max_new_tokens']} new tokens; median wall s (CPU s)"
     )
     header = ["k", "ICL", "adapter gen", "answer", "adapter total", "speedup", "break-even Q", "gen/prefill",
-              "tokens ICL/adapter", "decode +%"]  # fmt: skip
+              "tokens ICL/adapter", "decode +% hooks", "merged"]  # fmt: skip
     rows = []
     for res in report["results"].values():
         t, d = res["timings"], res["derived"]
@@ -603,12 +619,14 @@ def print_table(report: dict[str, Any]) -> None:
             return f"{t[name]['median_s']:.2f} ({t[name]['cpu_median_s']:.2f})"
 
         be = d["wall"]["break_even_questions"]
-        decode = res["decode"][f"batch_{res['batch_size']}"]["overhead_percent"]
+        dec = res["decode"][f"batch_{res['batch_size']}"]
+        merged = dec.get("merged_overhead_percent")
         rows.append([
             str(res["k"]), cell("icl"), cell("adapter_generation"), cell("adapter_answering"),
             cell("adapter_total"), f"{d['wall']['speedup_adapter_over_icl']:.2f}x",
             "never" if be is None else f"{be:.1f}", f"{d['wall']['generation_over_prefill']:.2f}",
-            f"{res['tokens']['icl']['total']}/{res['tokens']['adapter']['total']}", f"{decode:+.1f}",
+            f"{res['tokens']['icl']['total']}/{res['tokens']['adapter']['total']}",
+            f"{dec['overhead_percent']:+.1f}", "n/a" if merged is None else f"{merged:+.1f}",
         ])  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))

@@ -83,7 +83,9 @@ def test_tiny_run_writes_every_field(script, tmp_path, capsys, method):
         assert set(res["decode"]) == {"batch_1", "batch_3"}
         for dec in res["decode"].values():
             assert dec["base_s_per_token"] > 0 and dec["adapted_s_per_token"] > 0
+            assert dec["merged_s_per_token"] > 0 and "merged_overhead_percent" in dec  # a float base
             assert dec["new_tokens"] == 3 and len(dec["all_base_s_per_token"]) == 2
+            assert len(dec["all_merged_s_per_token"]) == 2
         tokens = res["tokens"]
         assert tokens["icl"]["generated"] == tokens["adapter"]["generated"] == 9
         assert tokens["icl"]["prompt_padded"] >= tokens["icl"]["prompt"] > 0

@@ -256,12 +256,14 @@ def test_forward_and_generate_with_adapter_match_the_context_manager(generator) 
         with_kwarg = generator.generate(PROMPT, adapter=adapter, **greedy)
         with generator.adapted(adapter):
             in_block = generator.generate(PROMPT, **greedy)
-        again = generator.generate(PROMPT, **greedy)  # the base is restored after both
+        with generator.adapted(adapter, merge=True):  # ΔW in the weights for the block
+            merged = generator.generate(PROMPT, **greedy)
+        again = generator.generate(PROMPT, **greedy)  # the base is restored after all three
         logits = generator(PROMPT, adapter=adapter).logits
         with apply_adapter(generator.base_lm, adapter):
             expected = generator.base_lm(PROMPT).logits
     assert with_kwarg.shape == (1, PROMPT.shape[1] + 8)
-    assert torch.equal(with_kwarg, in_block)
+    assert torch.equal(with_kwarg, in_block) and torch.equal(merged, in_block)
     assert not torch.equal(with_kwarg, bare)
     assert torch.equal(again, bare)
     assert torch.equal(logits, expected)

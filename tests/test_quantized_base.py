@@ -94,6 +94,9 @@ def _check_unmerged_application(
     assert out.shape[0] == 1 and enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 2
     with pytest.raises(QuantizedMergeError):
         merge_adapter(model.base_lm, adapter)  # quantized weights take adapters unmerged only
+    with pytest.raises(QuantizedMergeError), model.adapted(adapter, merge=True):
+        pass
+    assert torch.equal(model(**enc).logits, plain)  # nothing was changed
 
 
 def test_4bit_base_via_from_base(model_4bit: _methods.MeanPoolModel) -> None:

@@ -218,17 +218,42 @@ def detach_adapter(handle: AdapterHandle) -> None:
 
 
 @contextmanager
-def apply_adapter(model: nn.Module, adapter: ContextAdapter | None) -> Iterator[nn.Module]:
+def apply_adapter(
+    model: nn.Module, adapter: ContextAdapter | None, merge: bool = False
+) -> Iterator[nn.Module]:
     """Within the block, ``model`` computes with W + ΔW on every target module of ``adapter``.
 
     The model is restored exactly on exit, also when the block raises. ``adapter=None`` is a no-op.
 
+    Args:
+        model: the base model (or a model holding it).
+        adapter: the update; a batched (per-example) adapter needs ``merge=False``.
+        merge: ``False`` (default): forward hooks add ``x Aᵀ Bᵀ`` to each target module's output, the weights
+            are never written. ``True``: ΔW is added into the float weights for the block (no per-token
+            cost: decoding runs at the bare model's speed), and the original weights, kept as a copy of the
+            target modules' weights meanwhile (extra memory of their size), are copied back on exit, bit
+            for bit. Quantized target modules raise :class:`~ctx2param.errors.QuantizedMergeError` before
+            anything changes.
+
     Example:
         >>> with apply_adapter(model, a + b):
         ...     out = model.generate(**inputs, max_new_tokens=32)
+        >>> with apply_adapter(model, a + b, merge=True):  # one shared adapter, many decoded tokens
+        ...     out = model.generate(**inputs, max_new_tokens=512)
     """
     if adapter is None:
         yield model
+        return
+    if merge:
+        modules = _mergeable_modules(model, adapter)  # batched or quantized: an error, nothing changed
+        originals = {name: module.weight.detach().clone() for name, module in modules.items()}
+        try:
+            _add_delta(modules, adapter, 1.0)
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, weight in originals.items():
+                    modules[name].weight.copy_(weight)
         return
     handle = attach_adapter(model, adapter)
     try:
@@ -237,7 +262,8 @@ def apply_adapter(model: nn.Module, adapter: ContextAdapter | None) -> Iterator[
         handle.detach()
 
 
-def _merge(model: nn.Module, adapter: ContextAdapter, sign: float) -> None:
+def _mergeable_modules(model: nn.Module, adapter: ContextAdapter) -> dict[str, nn.Module]:
+    """The target modules of ``adapter`` in ``model``, checked to take a merge (one shared, float ΔW)."""
     if adapter.batch_size is not None:
         raise ValueError("A batched (per-example) adapter cannot be merged into shared weights; unbind() it.")
     modules = resolve_adapter_modules(model, adapter)
@@ -247,6 +273,11 @@ def _merge(model: nn.Module, adapter: ContextAdapter, sign: float) -> None:
                 f"Cannot merge into {name!r}, a quantized {type(module).__name__}: its weights are not "
                 "floats. Use apply_adapter()/attach_adapter() (unmerged), or load the base in float to merge."
             )
+    return modules
+
+
+def _add_delta(modules: dict[str, nn.Module], adapter: ContextAdapter, sign: float) -> None:
+    """W ← W + sign · ΔW on each module (ΔW computed in float32, rounded once to the weight's dtype)."""
     with torch.no_grad():
         for name, module in modules.items():
             weight = module.weight
@@ -262,11 +293,12 @@ def _merge(model: nn.Module, adapter: ContextAdapter, sign: float) -> None:
 def merge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
     """Add ΔW into the float weights of ``model`` (W ← W + ΔW, computed in float32).
 
-    Quantized layers raise :class:`~ctx2param.errors.QuantizedMergeError`; nothing is changed then.
+    Quantized layers raise :class:`~ctx2param.errors.QuantizedMergeError`; nothing is changed then. For a
+    merge undone exactly at the end of a block, use ``apply_adapter(model, adapter, merge=True)``.
     """
-    _merge(model, adapter, 1.0)
+    _add_delta(_mergeable_modules(model, adapter), adapter, 1.0)
 
 
 def unmerge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
     """Subtract a merged ΔW again (exact up to the rounding of the weight dtype)."""
-    _merge(model, adapter, -1.0)
+    _add_delta(_mergeable_modules(model, adapter), adapter, -1.0)

@@ -319,9 +319,15 @@ class ContextAdaptationModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------------ adapted inference
     @contextmanager
-    def adapted(self, adapter: ContextAdapter | None) -> Iterator[ContextAdaptationModel]:
-        """Within the block, the base model computes with the adapter's update (restored exactly after)."""
-        with apply_adapter(self.base_lm, adapter):
+    def adapted(
+        self, adapter: ContextAdapter | None, merge: bool = False
+    ) -> Iterator[ContextAdaptationModel]:
+        """Within the block, the base model computes with the adapter's update (restored exactly after).
+
+        ``merge=True`` adds ΔW into the (float) weights for the block instead of hooking the target modules,
+        so that decoding costs what the bare model's does; see :func:`ctx2param.apply_adapter`.
+        """
+        with apply_adapter(self.base_lm, adapter, merge=merge):
             yield self
 
     def forward(self, *args: Any, adapter: ContextAdapter | None = None, **kwargs: Any) -> Any:
