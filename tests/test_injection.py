@@ -266,6 +266,15 @@ def test_merge_equals_the_hook_path_and_unmerge_restores(arch):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with apply_adapter(model, adapter):
         hooked = logits(model, ids)
+    # a merged block: ΔW in the weights, no hook, and the weights copied back bit for bit (also on error)
+    with apply_adapter(model, adapter, merge=True) as same:
+        assert same is model and no_hooks(model)
+        torch.testing.assert_close(logits(model, ids), hooked, rtol=0, atol=ATOL)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"), apply_adapter(model, adapter, merge=True):
+        raise RuntimeError("inside the block")
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    # merged for good, then unmerged: W + ΔW − ΔW, exact up to fp32 rounding
     merge_adapter(model, adapter)
     assert no_hooks(model)
     torch.testing.assert_close(logits(model, ids), hooked, rtol=0, atol=ATOL)
@@ -417,23 +426,6 @@ def test_merging_a_batched_adapter_is_refused():
     with pytest.raises(ValueError, match="batched .* cannot be merged"):
         unmerge_adapter(model, adapter)
     assert torch.equal(logits(model, ids), base)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_merged_block_equals_the_hook_path_and_restores_bit_for_bit(arch):
-    model = tiny_model(arch)
-    adapter = random_adapter(model, arch, scale=0.8)
-    ids = ids_for()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    with apply_adapter(model, adapter):
-        hooked = logits(model, ids)
-    with apply_adapter(model, adapter, merge=True) as same:
-        assert same is model and no_hooks(model)  # the weights carry ΔW, no hook runs
-        torch.testing.assert_close(logits(model, ids), hooked, rtol=0, atol=ATOL)
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # exact, not W + ΔW − ΔW
-    with pytest.raises(RuntimeError, match="inside"), apply_adapter(model, adapter, merge=True):
-        raise RuntimeError("inside the block")
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
 def test_merged_block_refuses_a_batched_adapter_and_changes_nothing():
