@@ -133,12 +133,17 @@ def test_training_fills_and_writes_card_data(tmp_path):
     assert {"loss", "alignment", "reconstruction"} <= set(card.losses[0])
     assert "learning_rate" not in card.losses[0] and "grad_norm" not in card.losses[0]
     assert card.training_time_s > 0 and card.hardware == "CPU"
+    assert card.framework_versions["torch"] == torch.__version__ and "transformers" in card.framework_versions
     assert CardData.load(tmp_path / "checkpoint-2" / CARD_DATA_NAME).hyperparameters["steps"] == 2
     # the folder's card (what `ctx2param push` and hub_scripts/publish.py upload) describes the training
     readme = folder_card(tmp_path, repo_id="org/toy")
     assert "No training data has been recorded" not in readme
     assert "| toy QA |" in readme and "| learning_rate | 0.001 |" in readme and "Trained on CPU" in readme
     assert "| step | loss |" in readme
+    assert f"Of the training run:\n\n- python {card.framework_versions['python']}" in readme
+    card.framework_versions = {"torch": "0.0-trained-elsewhere"}  # the card shows the training's versions
+    card.save(tmp_path / CARD_DATA_NAME)
+    assert "- torch 0.0-trained-elsewhere" in folder_card(tmp_path, repo_id="org/toy")
     with pytest.raises(TypeError, match="datasets entries"):
         train_method(make(), EXAMPLES, tmp_path / "bad", max_steps=1, datasets=[3], **QUIET)
 

@@ -39,6 +39,7 @@ __all__ = [
     "GENERATOR_TEMPLATE",
     "ADAPTER_TEMPLATE",
     "find_template",
+    "framework_versions",
     "is_hub_model_id",
     "render_adapter_card",
     "render_generator_card",
@@ -49,7 +50,7 @@ GENERATOR_TEMPLATE = "generator_card.md.jinja"
 ADAPTER_TEMPLATE = "adapter_card.md.jinja"
 TEMPLATES_ENV = "CTX2PARAM_MODEL_CARDS"
 LIBRARY_NAME = "ctx2param"
-CARD_DATA_SCHEMA_VERSION = 1
+CARD_DATA_SCHEMA_VERSION = 2  # 2: framework_versions
 
 #: BibTeX of the two methods ctx2param implements; every card cites both (the card's own method first).
 CITATIONS: dict[str, str] = {
@@ -173,6 +174,8 @@ class CardData:
         eval_results: :class:`EvalEntry` rows.
         training_time_s: wall-clock training time.
         hardware: what it was trained on (``"1x H100 80GB"``).
+        framework_versions: the library versions of the training run (the trainer fills them); the card
+            shows them, or the rendering machine's when they are missing.
         tags: extra Hub tags.
         description: replaces the method's standard description in the card.
         notes: extra Markdown appended to the card (limitations, intended use).
@@ -188,6 +191,7 @@ class CardData:
     eval_results: list[EvalEntry] = field(default_factory=list)
     training_time_s: float | None = None
     hardware: str | None = None
+    framework_versions: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     description: str | None = None
     notes: str | None = None
@@ -313,7 +317,8 @@ def _render(template_name: str, card_data: ModelCardData, **context: Any) -> str
     return text
 
 
-def _versions() -> dict[str, str]:
+def framework_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries a generator depends on, in this environment."""
     versions = {"python": platform.python_version()}
     for package in ("ctx2param", "torch", "transformers", "peft", "huggingface-hub", "safetensors"):
         try:
@@ -457,7 +462,8 @@ def render_generator_card(
         hardware=data.hardware,
         notes=data.notes,
         citations=_citations(method),
-        versions=_versions(),
+        versions=data.framework_versions or framework_versions(),
+        versions_of="the training run" if data.framework_versions else "the machine that wrote this card",
     )
 
 
@@ -533,5 +539,5 @@ def render_adapter_card(adapter: ContextAdapter, **card_data: Any) -> str:
         dtype=str(adapter.dtype).removeprefix("torch."),
         adapter_metadata={k: _fmt_value(v) for k, v in adapter.metadata.items()},
         citations=_citations(method),
-        versions=_versions(),
+        versions=framework_versions(),
     )

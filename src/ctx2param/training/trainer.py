@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..cards import CardData
+from ..cards import CardData, framework_versions
 from ..evaluation.datasets import seeded_rng
 from ..hub import CARD_DATA_NAME, get_card_data
 from .callbacks import NonFiniteGradientGuard
@@ -273,7 +273,8 @@ class ContextAdaptationTrainer(Trainer):
             self._train_started = None
 
     def update_card_data(self) -> CardData:
-        """Fill ``get_card_data(model)`` with this run's settings, losses, time and hardware; returns it."""
+        """Fill ``get_card_data(model)`` with this run's settings, losses, time, hardware and library
+        versions; returns it."""
         method = _method_model(self.accelerator.unwrap_model(self.model))
         data = get_card_data(method)
         args = self.args
@@ -316,6 +317,7 @@ class ContextAdaptationTrainer(Trainer):
         elapsed = time.perf_counter() - self._train_started if self._train_started is not None else 0.0
         data.training_time_s = round(self._time_before + elapsed, 3)
         data.hardware = hardware_description(args.device, devices)
+        data.framework_versions = framework_versions()
         return data
 
     def write_card_data(self, folder: str | os.PathLike) -> Path:
