@@ -18,10 +18,11 @@ from ``transformers.Trainer``. What is specific:
 
 Card data (sentence-transformers keeps its ``model_card_data`` the same way): the trainer fills
 ``ctx2param.hub.get_card_data(model)`` with the training settings (from ``TrainingArguments`` and the method's
-loss weights), the logged losses (thinned to at most :data:`MAX_CARD_LOSS_ROWS` rows), the training time and
-the hardware, and writes it as ``card_data.json`` beside every checkpoint and the final weights, so that
-``ctx2param push`` / ``hub_scripts/publish.py`` render a card that describes the training. Data sets are
-recorded by the caller (``train_method(..., datasets=[...])`` or ``get_card_data(model).add_dataset(...)``).
+loss weights), the logged losses (thinned to at most :data:`MAX_CARD_LOSS_ROWS` rows), the training time,
+the hardware and the library versions, and writes it as ``card_data.json`` beside every checkpoint and the
+final weights, so that ``ctx2param push`` / ``hub_scripts/publish.py`` render a card that describes the
+training. Data sets are recorded by the caller (``train_method(..., datasets=[...])`` or
+``get_card_data(model).add_dataset(...)``).
 
 Multi-GPU note: the trainer calls ``training_losses`` on the unwrapped model, which is right on one device
 (the GPU scripts' setting); DistributedDataParallel would need the call to go through the wrapper's forward.
