@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import _methods
 from ctx2param import AutoModelForContextAdaptation, ContextAdapter, apply_adapter
 from ctx2param.errors import ContextError
 from ctx2param.models.dyprag import DyPRAGConfig, DyPRAGModel
@@ -172,9 +173,7 @@ def test_alignment_loss_falls_with_the_trainer(tmp_path):
 def test_ctx2param_train_dyprag_command(tmp_path, capsys):
     from ctx2param.cli import main
 
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
+    base_dir = _methods.save_tiny_base(tmp_path / "base")
     data = save_jsonl(EXAMPLES, tmp_path / "train.jsonl")
     out = tmp_path / "gen"
     argv = ["train", "dyprag", "--base", str(base_dir), "--data", str(data), "--out", str(out)]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import _methods
-from ctx2param.testing_utils import tiny_model, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "train_stream_adapter.py"
 
@@ -72,9 +71,7 @@ def test_tiny_run_trains_resumes_and_evaluates(script, tmp_path, monkeypatch):
 
     # --arrow-reader replaces the module's _hf_rows; monkeypatch puts the original back after the test
     monkeypatch.setattr(eval_datasets, "_hf_rows", eval_datasets._hf_rows)
-    base = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    base = _methods.save_tiny_base(tmp_path / "base")
     out = tmp_path / "run"
     common = [
         "--base",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+import _methods
 from ctx2param import AutoModelForContextAdaptation
 from ctx2param.models.stream_adapter import StreamAdapterConfig, StreamAdapterModel
 from ctx2param.testing_utils import TARGET_MODULES, tiny_model, tiny_tokenizer
@@ -98,9 +99,7 @@ def test_ctx2param_train_stream_adapter_command(tmp_path, capsys):
     from ctx2param.cli import main
     from ctx2param.training.data import save_jsonl
 
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
+    base_dir = _methods.save_tiny_base(tmp_path / "base")
     data = save_jsonl(training_examples(), tmp_path / "train.jsonl")
     out = tmp_path / "gen"
     argv = ["train", "stream-adapter", "--base", str(base_dir), "--data", str(data), "--out", str(out)]
@@ -128,9 +127,7 @@ def test_ctx2param_train_stream_adapter_on_demonstrations(tmp_path, capsys):
     heldout = {ex.prompt() for ex in heldout_split(load_classification("sst2"), "heldout")}
     assert not any(ex.query in heldout for ex in examples)  # queries come from the training part only
     assert all(ex.answer in ("positive", "negative") for ex in examples), {ex.answer for ex in examples}
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
+    base_dir = _methods.save_tiny_base(tmp_path / "base")
     out = tmp_path / "gen"
     argv = ["train", "stream-adapter", "--base", str(base_dir), "--data", "demos-sst2", "--out", str(out)]
     argv += ["--steps", "2", "--batch-size", "2", "--max-chunks", "2", "--max-examples", "4", "--rank", "2"]

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+import _methods
 from ctx2param import AutoModelForContextAdaptation, ContextAdapter
 from ctx2param.cards import CardData
 from ctx2param.cli import main
@@ -217,10 +218,7 @@ def test_fine_tune_released_generator_on_user_jsonl(tmp_path):
 # --------------------------------------------------------------------------------------------- commands
 @pytest.fixture(scope="module")
 def tiny_base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return _methods.save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 def test_cli_train_init_from_and_decode(tiny_base_dir, tmp_path, capsys):
