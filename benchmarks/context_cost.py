@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from ctx2param.alignment import pad_token_lists
-from ctx2param.modules import is_quantized_module
+from ctx2param.modules import context_window, is_quantized_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
 from _common import (  # noqa: E402
@@ -207,22 +207,12 @@ def prompt_ids(model: Any, query: str, passages: Sequence[str] = ()) -> list[int
     return list(tok(content, add_special_tokens=True)["input_ids"])
 
 
-def max_positions(model: Any) -> int | None:
-    cfg = model.base_lm.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(text, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def icl_prompt(
     model: Any, query: str, passages: Sequence[str], max_new_tokens: int
 ) -> tuple[list[int], bool]:
     """The prompt with every passage, cut (each passage shortened alike) to fit the window; whether cut."""
     passages = list(passages)
-    limit = (max_positions(model) or 10**9) - max_new_tokens
+    limit = (context_window(model.base_lm) or 10**9) - max_new_tokens
     ids = prompt_ids(model, query, passages)
     cut = False
     while len(ids) > limit and any(passages):
@@ -575,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "data": args.data,
             "seed": args.seed,
-            "context_window": max_positions(model),
+            "context_window": context_window(model.base_lm),
             "method_parameters": model.num_method_parameters(),
             "adapter": "CompAs: generate_adapter(passages), summed; StreamAdapter: "
             + ("passages streamed into one stream" if args.stream_mode == "stream" else "generated, summed"),

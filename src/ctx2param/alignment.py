@@ -34,7 +34,7 @@ from torch import nn
 from .adapter import ContextAdapter, LoraFactors
 from .errors import ContextError
 from .injection import apply_adapter
-from .modules import LayerKindLayout, target_module_shapes
+from .modules import LayerKindLayout, config_int, context_window, target_module_shapes
 
 __all__ = [
     "ChunkAlignmentMixin",
@@ -215,26 +215,14 @@ class ChunkAlignmentMixin:
         return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
 
     # ------------------------------------------------------------------------------ base facts
-    def _base_config_int(self, attrs: tuple[str, ...], positive: bool = False) -> int | None:
-        """The first integer among ``attrs`` of the base model's (text) config; ``None`` when it has none."""
-        cfg = getattr(self.base_lm, "config", None)
-        if cfg is None:
-            return None
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        for attr in attrs:
-            value = getattr(text, attr, None)
-            if isinstance(value, int) and (value > 0 or not positive):
-                return value
-        return None
-
     def _num_hidden_layers(self) -> int | None:
         """The base model's number of decoder layers, when its config says."""
-        return self._base_config_int(("num_hidden_layers", "n_layer"))
+        return config_int(self.base_lm, ("num_hidden_layers", "n_layer"))
 
     @property
     def max_positions(self) -> int | None:
         """The base model's context window in tokens, when its config says."""
-        return self._base_config_int(("max_position_embeddings", "n_positions"), positive=True)
+        return context_window(self.base_lm)
 
     # ------------------------------------------------------------------------------ tokenization
     def _require_tokenizer(self) -> Any:

@@ -1,4 +1,5 @@
-"""Finding and describing the linear layers that adapters target. Torch modules only, no model code.
+"""Finding and describing the linear layers that adapters target, and reading a model's (text) config.
+Torch modules only, no model code.
 
 A target is any layer computing ``y = W x (+ b)``: ``torch.nn.Linear`` and its subclasses (including
 bitsandbytes ``Linear4bit`` and ``Linear8bitLt``) and transformers' GPT-2 style ``Conv1D`` (weight stored
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,30 @@ def is_quantized_module(module: nn.Module) -> bool:
         return True
     weight = getattr(module, "weight", None)
     return weight is not None and not weight.is_floating_point()
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of ``model``'s language model: ``config.get_text_config()`` for multimodal configs, else
+    ``config`` itself (``None`` when the model has no config)."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+
+
+def config_int(model: nn.Module, attrs: Sequence[str], positive: bool = False) -> int | None:
+    """The first integer among ``attrs`` of ``model``'s text config (a positive one when ``positive``);
+    ``None`` when it has none."""
+    text = text_config(model)
+    for attr in attrs:
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and (value > 0 or not positive):
+            return value
+    return None
+
+
+def context_window(model: nn.Module) -> int | None:
+    """``model``'s context window in tokens (``max_position_embeddings``, GPT-2's ``n_positions``), when its
+    config says."""
+    return config_int(model, ("max_position_embeddings", "n_positions"), positive=True)
 
 
 def _matches(name: str, targets: str | Iterable[str]) -> bool:

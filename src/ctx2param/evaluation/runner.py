@@ -49,6 +49,7 @@ from torch import nn
 from ..adapter import ContextAdapter, stack
 from ..alignment import pad_token_lists, plain_start_ids, position_ids_from_mask
 from ..injection import apply_adapter
+from ..modules import context_window, text_config
 from .metrics import rouge_l, squad_metrics, token_accuracy
 from .tasks import EvalItem, TaskSpec, get_task
 
@@ -205,11 +206,6 @@ def is_generator(name_or_path: str, revision: str | None = None) -> bool:
     return getattr(config, "model_type", None) in registered_methods()
 
 
-def _text_config(lm: nn.Module) -> Any:
-    cfg = getattr(lm, "config", None)
-    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-
-
 class EvalModel:
     """What the runner evaluates: a causal LM (``lm``), its tokenizer and, optionally, a generator.
 
@@ -259,14 +255,7 @@ class EvalModel:
     @property
     def window(self) -> int | None:
         """The context window in tokens: the override, else ``max_position_embeddings`` / ``n_positions``."""
-        if self._window is not None:
-            return self._window
-        text = _text_config(self.lm)
-        for attr in ("max_position_embeddings", "n_positions"):
-            value = getattr(text, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return self._window if self._window is not None else context_window(self.lm)
 
     @window.setter
     def window(self, value: int | None) -> None:
@@ -278,7 +267,7 @@ class EvalModel:
         for candidate in (
             getattr(tok, "pad_token_id", None),
             getattr(tok, "eos_token_id", None),
-            getattr(_text_config(self.lm), "pad_token_id", None),
+            getattr(text_config(self.lm), "pad_token_id", None),
         ):
             if isinstance(candidate, int):
                 return candidate

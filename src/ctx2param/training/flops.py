@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import module_shape
+from ..modules import module_shape, text_config
 
 __all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops", "dyprag_batch_flops"]
 
@@ -60,8 +60,7 @@ def _compute_base_cost(model: nn.Module) -> BaseCost:
         shape = module_shape(module)
         if shape is not None:
             linear += shape[0] * shape[1]
-    cfg = getattr(model, "config", None)
-    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    text = text_config(model)
     hidden = int(model.get_input_embeddings().embedding_dim)
     layers = int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0) or 0)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
