@@ -36,7 +36,7 @@ def training_rows(root: Path) -> list[str]:
                 m["global_step"],
                 m["tokens_per_s"],
                 m["mfu"],
-                m.get("peak_memory_gib", m.get("peak_memory_gb")),  # GiB under either name
+                m["peak_memory_gib"],
                 m["train_seconds"],
             )
         else:  # hub_scripts/train_stream_adapter.py
@@ -54,20 +54,11 @@ def training_rows(root: Path) -> list[str]:
 
 
 def squad_rows(root: Path) -> list[str]:
-    rows = []
-    for name in ("compas", "dyprag"):
-        report = root / name / "squad_eval" / "results.json"  # ctx2param eval's report
-        if report.is_file():
-            rows.append(results_row(f"{name} SQuAD-k", report))
-            continue
-        data = _read(root / name / "squad_eval.json")  # the format of the runs before 2026-12-02
-        if data is None:
-            rows.append(f"{name}: no squad_eval/results.json")
-            continue
-        for k, row in data["k"].items():
-            cells = ", ".join(f"{s} {v['f1']:.1f}" for s, v in row.items() if isinstance(v, dict))
-            rows.append(f"{name} SQuAD-{k} F1 (n={data['n']}): {cells}")
-    return rows
+    """SQuAD-k of the CompAs / DyPRAG runs (``train_compas.py --eval-squad``: ctx2param eval's report)."""
+    return [
+        results_row(f"{name} SQuAD-k", root / name / "squad_eval" / "results.json")
+        for name in ("compas", "dyprag")
+    ]
 
 
 def heldout_rows(root: Path) -> list[str]:
