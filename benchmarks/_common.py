@@ -147,8 +147,10 @@ def load_average() -> list[float] | None:
 
 def write_report(report: dict[str, Any], out: Path, started: float, load_before: list[float] | None) -> None:
     """Add ``load_average_before_after`` and ``wall_s`` (since ``started``, a ``time.perf_counter()``) to
-    ``report`` and write it to ``out`` as indented JSON."""
+    ``report`` and write it to ``out`` as indented JSON (atomically: it is rewritten while a run goes on)."""
+    from ctx2param.file_utils import write_text_atomically
+
     report["load_average_before_after"] = [load_before, load_average()]
     report["wall_s"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")  # a reader never sees half a report

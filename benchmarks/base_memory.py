@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(BASE_MEMORY_PACKAGES),
         "results": rows,
     }
+    from ctx2param.file_utils import write_text_atomically
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

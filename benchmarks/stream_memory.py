@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["passed"] = all(spreads[k] < 0.05 for k in judged) and summary["state_bytes_constant"]
     device_name = "cuda" if args.device.startswith("cuda") else "cpu"
     out = Path(args.out or Path(__file__).parent / "results" / f"stream_memory_{device_name}.json")
+    from ctx2param.file_utils import write_text_atomically
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomically(out, json.dumps(summary, indent=2) + "\n")
     shown = ", ".join(f"{k} {v:.2%}" for k, v in spreads.items())
     print(
         f"relative spreads: {shown}; state constant: {summary['state_bytes_constant']} "
