@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     if args.export_data:
+        from ctx2param.file_utils import write_text_atomically
         from ctx2param.testing_utils import smollm2_path
         from ctx2param.training.data import save_jsonl
 
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets: list[dict[str, Any]] = []
         examples = build_examples(tokenizer, argparse.Namespace(**{**vars(args), "data": None}), datasets)
         save_jsonl(examples, args.export_data)
-        sources_file(args.export_data).write_text(json.dumps(datasets, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(sources_file(args.export_data), json.dumps(datasets, indent=2) + "\n")
         size = Path(args.export_data).stat().st_size / 2**20
         log(f"wrote {len(examples)} examples to {args.export_data} ({size:.1f} MiB) and its sources")
         return 0
