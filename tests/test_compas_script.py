@@ -66,6 +66,7 @@ def test_tiny_run_trains_resumes_and_evaluates(script, tmp_path, method):
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["latest"]["global_step"] == 3 and len(metrics["calls"]) == 2
     assert metrics["latest"]["resumed"] and metrics["latest"]["tokens_per_s"] > 0
+    assert metrics["latest"]["skipped_nonfinite_steps"] == 0
     report = json.loads((out / "squad_eval" / "results.json").read_text())
     assert report["task"]["name"] == "squad-k" and report["settings"]["k"] == [1, 4]
     assert {(r["system"], r["k"]) for r in report["results"]} == {
