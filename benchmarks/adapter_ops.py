@@ -4,7 +4,8 @@ Adapters have SmolLM2-135M-Instruct's shapes: 30 layers; q_proj and o_proj 576 x
 192 x 576 (3 KV heads of 64), gate_proj and up_proj 1536 x 576, down_proj 576 x 1536 (ΔW is d_out x d_in);
 rank 8 on all 7 projections (210 modules). Measured:
 
-- ``sum``: ``sum([...])`` of 100 such adapters (rank 800 after concatenation);
+- ``sum``: ``sum([...])`` of 100 such adapters (rank 800 after concatenation), and ``compose([...])`` of the
+  same 100 (one ``torch.cat`` per module);
 - ``compress``: that sum compressed to rank 16;
 - ``save`` / ``load``: one rank-8 adapter in the own format and as a PEFT folder;
 - ``forward``: the real SmolLM2-135M-Instruct (fp32) on a 512-token prompt, batch 1 and 8, without adapter and
@@ -16,9 +17,8 @@ thread it hardly depends on what else runs on the machine). Base and adapted for
 repeat so that a change in machine load hits both alike. The JSON also records the hardware, library
 versions, thread count and the machine's load average before and after.
 
-Two reference timings that are not library calls show what the operations could cost: ``reference_single_cat``
-(the 100 adapters concatenated with one ``torch.cat`` per module, what a linear-time ``sum`` would do) and
-``reference_dense_svd`` (ΔW formed densely, then ``torch.linalg.svd``, for the compression).
+A reference timing that is not a library call shows what the compression could cost: ``reference_dense_svd``
+(ΔW formed densely, then ``torch.linalg.svd``).
 
 Usage:
     python benchmarks/adapter_ops.py --device cpu --repeats 5 --out benchmarks/results/adapter_ops_cpu.json
@@ -38,8 +38,7 @@ from typing import Any
 
 import torch
 
-from ctx2param import ContextAdapter, apply_adapter
-from ctx2param.adapter import LoraFactors
+from ctx2param import ContextAdapter, apply_adapter, compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
 from _common import hardware, load_average, summarize, sync, versions, write_report  # noqa: E402
@@ -103,18 +102,6 @@ def time_it(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: i
     return summarize(wall, cpu)
 
 
-def _single_cat(adapters: list[ContextAdapter]) -> ContextAdapter:
-    """Reference (not a library call): the sum of adapters with one ``torch.cat`` per module (scales 1)."""
-    return ContextAdapter(
-        {
-            name: LoraFactors(
-                torch.cat([a[name].A for a in adapters]), torch.cat([a[name].B for a in adapters], 1)
-            )
-            for name in adapters[0]
-        }
-    )
-
-
 def _dense_svd(adapter: ContextAdapter, rank: int) -> None:
     """Reference (not a library call): ΔW formed densely and its truncated SVD, module by module."""
     for name in adapter:
@@ -135,7 +122,7 @@ def bench_algebra(repeats: int, device: torch.device) -> dict[str, Any]:
     results["compress_sum_to_r16"] = time_it(lambda: total.compress(COMPRESS_RANK), repeats, device, warmup=0)
     small = total.compress(COMPRESS_RANK)
     assert small.rank == COMPRESS_RANK
-    results["reference_single_cat"] = time_it(lambda: _single_cat(adapters), repeats, device, warmup=0)
+    results["compose_100"] = time_it(lambda: compose(adapters), repeats, device, warmup=0)
     results["reference_dense_svd"] = time_it(
         lambda: _dense_svd(total, COMPRESS_RANK), repeats, device, warmup=0
     )
@@ -266,8 +253,8 @@ def print_table(report: dict[str, Any]) -> None:
     """A short table: median and p90 in milliseconds (wall and CPU), and the forward overhead."""
     rows = []
     ops = report["algebra_and_files"]
-    keys = ["sum_100", "compress_sum_to_r16", "save_ctx2param", "load_ctx2param", "save_peft", "load_peft"]
-    for key in [*keys, "reference_single_cat", "reference_dense_svd"]:
+    keys = ["sum_100", "compose_100", "compress_sum_to_r16", "save_ctx2param", "load_ctx2param", "save_peft"]
+    for key in [*keys, "load_peft", "reference_dense_svd"]:
         rows.append((key, ops[key], ""))
     for key, res in report.get("forward", {}).items():
         rows.append((f"forward {key} base", res["base"], ""))

@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from ctx2param import compose
 from ctx2param.alignment import pad_token_lists
 from ctx2param.modules import context_window, is_quantized_module
 
@@ -245,8 +246,7 @@ def make_adapter(model: Any, passages: list[str], stream_mode: str) -> Any:
             for text in passages:
                 stream.extend(text)
             return stream.adapter()
-        adapters = model.generate_adapter(passages)
-        return sum(adapters[1:], adapters[0])
+        return compose(model.generate_adapter(passages))
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -33,14 +33,12 @@ scales = st.floats(-3.0, 3.0, allow_nan=False).filter(lambda s: abs(s) > 1e-3)
 
 
 def make(seed: int, rank: int = 2, scale: float = 1.0, batch: int | None = None, **kwargs) -> ContextAdapter:
-    """A float64 random adapter on :data:`SHAPES` (A, B ~ N(0, 1)); with ``batch``, ``A [batch, r, d_in]``."""
+    """A float64 random adapter on :data:`SHAPES` (A, B ~ N(0, 1)); with ``batch``, ``A [batch, r, d_in]``.
+    ``kwargs`` go to ``ContextAdapter.random`` (e.g. ``base_model``)."""
+    settings = {"rank": rank, "scale": scale, "std": 1.0, "dtype": torch.float64, **kwargs}
     if batch is None:
-        return ContextAdapter.random(SHAPES, rank=rank, scale=scale, seed=seed, std=1.0, dtype=torch.float64)
-    singles = [
-        ContextAdapter.random(SHAPES, rank=rank, scale=scale, seed=seed + i, std=1.0, dtype=torch.float64)
-        for i in range(batch)
-    ]
-    return stack(singles)
+        return ContextAdapter.random(SHAPES, seed=seed, **settings)
+    return stack([ContextAdapter.random(SHAPES, seed=seed + i, **settings) for i in range(batch)])
 
 
 def dense(adapter: ContextAdapter) -> dict[str, torch.Tensor]:
@@ -129,6 +127,28 @@ def test_compose_is_the_weighted_sum(specs):
         compose(adapters, weights), dense(sum(w * a for a, w in zip(adapters, weights, strict=True)))
     )
     assert_dense_equal(compose(adapters), {n: sum(dense(a)[n] for a in adapters) for n in SHAPES})
+
+
+@PROPERTY
+@given(
+    st.lists(st.tuples(seeds, ranks, scales, st.floats(-2.0, 2.0, allow_nan=False)), min_size=2, max_size=6),
+    st.integers(0, 5),
+)
+def test_compose_equals_the_chain_of_additions_with_a_batched_adapter_among_singles(specs, batched_at):
+    """One concatenation per module gives the ΔW, rank, batch and base of ``w0·a0 + w1·a1 + ...``."""
+    batched_at %= len(specs)
+    adapters = [
+        make(seed, rank, scale, batch=3 if i == batched_at else None, base_model="org/base" if i else None)
+        for i, (seed, rank, scale, _) in enumerate(specs)
+    ]
+    weights = [w for *_, w in specs]
+    chain = adapters[0] * weights[0]
+    for adapter, weight in zip(adapters[1:], weights[1:], strict=True):
+        chain = chain + adapter * weight
+    got = compose(adapters, weights)
+    assert_dense_equal(got, dense(chain))
+    assert got.batch_size == 3 and got.rank == sum(r for _, r, _, _ in specs)
+    assert got.base_model == "org/base"  # the first names none: the first that names one
 
 
 @PROPERTY
@@ -451,6 +471,28 @@ def test_compose_bad_arguments():
         compose([])
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
         compose([a, a], [1.0])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "2", None, torch.ones(2)])
+def test_compose_bad_weight(weight):
+    a = ContextAdapter(_factors())
+    with pytest.raises(ValueError, match="weights must be finite numbers; weight 1 is"):
+        compose([a, a], [1.0, weight])
+
+
+def test_compose_checks_every_adapter_not_only_against_the_first():
+    """The first adapter names no base and no batch; two later ones disagree with each other."""
+    bare = ContextAdapter(_factors())
+    one = ContextAdapter(_factors(seed=1), base_model="org/one")
+    two = ContextAdapter(_factors(seed=2), base_model="org/two")
+    with pytest.raises(AdapterMismatchError, match="different base models.*org/one.*org/two"):
+        compose([bare, one, two])
+    three, four = make(0, batch=3), make(1, batch=4)
+    single = make(2)
+    with pytest.raises(AdapterMismatchError, match="different batch sizes.*3, 4"):
+        compose([single, three, four])
+    with pytest.raises(TypeError, match="expected ContextAdapter"):
+        compose([1.0, bare])
 
 
 @pytest.mark.parametrize("rank", [0, -1, 2.5, "2", None])

@@ -297,25 +297,13 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 f"Cannot {what} batched adapters of batch sizes {self.batch_size} and {other.batch_size}."
             )
 
-    def _merged_base(self, other: ContextAdapter) -> tuple[str | None, str | None]:
-        return self.base_model or other.base_model, self.base_revision or other.base_revision
-
     # ------------------------------------------------------------------------------------------ algebra
     def __add__(self, other: Any) -> ContextAdapter:
+        """ΔW_self + ΔW_other exactly: the ranks concatenate. For many adapters use :func:`compose`, which
+        concatenates once per module (``sum([...])`` copies the growing running sum at every ``+``)."""
         if not isinstance(other, ContextAdapter):
             return NotImplemented
-        self.check_compatible(other, "add")
-        batch = self.batch_size or other.batch_size
-        out = {}
-        for name, fa in self._factors.items():
-            fb = other[name]
-            if batch is not None:
-                fa, fb = _expand(fa, batch), _expand(fb, batch)
-            if fa.scale != fb.scale:
-                fa, fb = fa.folded(), fb.folded()
-            out[name] = LoraFactors(torch.cat([fa.A, fb.A], -2), torch.cat([fa.B, fb.B], -1), fa.scale)
-        base, revision = self._merged_base(other)
-        return ContextAdapter(out, base, revision)
+        return _concatenate([self, other], [1.0, 1.0], "add")
 
     def __radd__(self, other: Any) -> ContextAdapter:
         if isinstance(other, numbers.Number) and other == 0:  # sum([...]) starts from 0
@@ -596,7 +584,11 @@ def _expand(f: LoraFactors, batch: int) -> LoraFactors:
 
 
 def compose(adapters: Sequence[ContextAdapter], weights: Sequence[float] | None = None) -> ContextAdapter:
-    """Σ_i w_i · adapters[i] (exact in ΔW). ``weights`` defaults to all ones."""
+    """Σ_i w_i · adapters[i] (exact in ΔW). ``weights`` defaults to all ones.
+
+    The ranks of all adapters concatenate in one ``torch.cat`` per module, so composing n adapters costs
+    time linear in their total rank (a chain of ``+`` copies the running sum again at every step).
+    """
     adapters = list(adapters)
     if not adapters:
         raise ValueError("compose() needs at least one adapter.")
@@ -605,10 +597,48 @@ def compose(adapters: Sequence[ContextAdapter], weights: Sequence[float] | None 
     weights = list(weights)
     if len(weights) != len(adapters):
         raise ValueError(f"compose() got {len(adapters)} adapters but {len(weights)} weights.")
-    total = adapters[0] * weights[0]
-    for adapter, weight in zip(adapters[1:], weights[1:], strict=True):
-        total = total + adapter * weight
-    return total
+    scalars = []
+    for i, weight in enumerate(weights):
+        scalar = _as_scalar(weight)
+        if scalar is None or not math.isfinite(scalar):
+            raise ValueError(f"compose() weights must be finite numbers; weight {i} is {weight!r}.")
+        scalars.append(scalar)
+    return _concatenate(adapters, scalars, "compose")
+
+
+def _concatenate(adapters: list[ContextAdapter], weights: list[float], what: str) -> ContextAdapter:
+    """Σ_i weights[i] · ΔW(adapters[i]) by concatenating the factors' ranks, one ``torch.cat`` per module.
+
+    Single adapters are broadcast to the batch of batched ones; when the effective scales
+    (``scale · weight``) differ between adapters they are folded into B.
+    """
+    if not isinstance(adapters[0], ContextAdapter):
+        raise TypeError(f"Cannot {what} a {type(adapters[0]).__name__}; expected ContextAdapter objects.")
+    first = adapters[0]
+    for other in adapters[1:]:
+        first.check_compatible(other, what)
+    # the first adapter may name no base or batch where two later ones name different ones
+    named: dict[str, list[Any]] = {}
+    for attr in ("base_model", "base_revision", "batch_size"):
+        named[attr] = list(dict.fromkeys(v for a in adapters if (v := getattr(a, attr))))
+        if len(named[attr]) > 1:
+            raise AdapterMismatchError(
+                f"Cannot {what} adapters with different {attr.replace('_', ' ')}s: {named[attr]}."
+            )
+    base, revision, batch = (named[attr][0] if named[attr] else None for attr in named)
+    out = {}
+    for name in first:
+        parts = [a[name] for a in adapters]
+        if batch is not None:
+            parts = [_expand(p, batch) for p in parts]
+        scales = [p.scale * w for p, w in zip(parts, weights, strict=True)]
+        A = torch.cat([p.A for p in parts], -2)
+        if all(scale == scales[0] for scale in scales):
+            out[name] = LoraFactors(A, torch.cat([p.B for p in parts], -1), scales[0])
+        else:
+            folded = [p.B if scale == 1.0 else p.B * scale for p, scale in zip(parts, scales, strict=True)]
+            out[name] = LoraFactors(A, torch.cat(folded, -1), 1.0)
+    return ContextAdapter(out, base, revision)
 
 
 def stack(adapters: Sequence[ContextAdapter]) -> ContextAdapter:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import ContextAdapter, stack
+from ..adapter import ContextAdapter, compose, stack
 from ..alignment import pad_token_lists, plain_start_ids, position_ids_from_mask
 from ..injection import apply_adapter
 from ..modules import context_window, text_config
@@ -664,8 +664,7 @@ class _AdapterMaker:
             found.update(zip(rest, self.generator.generate_adapter(rest), strict=True))
         per_item = []
         for item in items:
-            parts = [found[c] for c in item.contexts]
-            per_item.append(sum(parts[1:], parts[0]))
+            per_item.append(compose([found[c] for c in item.contexts]))
         adapter = stack(per_item).to(device=self.device)
         _sync(self.device)
         self.seconds += time.perf_counter() - start
