@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend
 from transformers import TrainerCallback
 
 import _methods
@@ -22,6 +23,7 @@ from ctx2param.training.callbacks import NonFiniteGradientGuard
 from ctx2param.training.data import TrainingExample, load_jsonl, save_jsonl
 from ctx2param.training.trainer import (
     MAX_CARD_LOSS_ROWS,
+    TRAINING_SDPA_BACKENDS,
     ContextAdaptationTrainer,
     TrainingExampleDataset,
     _thin,
@@ -320,3 +322,27 @@ def test_training_stops_after_consecutive_nan_steps(tmp_path):
     assert all(torch.equal(v, initial[k]) for k, v in model.method_state_dict().items())
     with pytest.raises(ValueError, match="max_consecutive"):
         NonFiniteGradientGuard(max_consecutive=-1)
+
+
+def test_the_loss_is_computed_without_cudnn_attention(tmp_path, monkeypatch):
+    """cuDNN attention's backward gives NaN for some padded batches on H100 / H200 (pytorch#196678): the
+    trainer switches it off while ``training_losses`` runs, and restores the global setting afterwards."""
+    model = make()
+    seen = []
+    losses = model.training_losses
+
+    def recording(batch):
+        seen.append(
+            (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+        )
+        return losses(batch)
+
+    monkeypatch.setattr(model, "training_losses", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    train_method(model, EXAMPLES, tmp_path, max_steps=2, **QUIET)
+    assert seen and all(flags == (False, True) for flags in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    assert SDPBackend.CUDNN_ATTENTION not in TRAINING_SDPA_BACKENDS
+    assert {SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH} <= set(
+        TRAINING_SDPA_BACKENDS
+    )

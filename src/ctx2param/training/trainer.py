@@ -14,6 +14,8 @@ from ``transformers.Trainer``. What is specific:
 - an optimizer step whose gradients are not finite is skipped
   (:class:`~ctx2param.training.callbacks.NonFiniteGradientGuard`; ``skipped_nonfinite_steps`` is logged), so
   one overflow under bf16 autocast cannot turn every weight into NaN;
+- the loss is computed with cuDNN attention switched off (:data:`TRAINING_SDPA_BACKENDS`): its backward
+  returns NaN for some padded batches on H100 / H200;
 - :func:`train_method` is the one-call API.
 
 Card data (sentence-transformers keeps its ``model_card_data`` the same way): the trainer fills
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainingArguments
 
 from ..cards import CardData, framework_versions
@@ -48,12 +51,24 @@ from .data import TrainingExample
 
 __all__ = [
     "MAX_CARD_LOSS_ROWS",
+    "TRAINING_SDPA_BACKENDS",
     "ContextAdaptationTrainer",
     "TrainingExampleDataset",
     "default_training_arguments",
     "hardware_description",
     "train_method",
 ]
+
+#: The ``scaled_dot_product_attention`` backends that training may use: all but cuDNN attention. In
+#: torch >= 2.11 on H100 / H200 (where cuDNN attention is a default backend) its backward returns NaN in the
+#: query gradient when an attention mask is passed, the sequence length is 64 mod 128 and a query row is
+#: fully masked (pytorch/pytorch#196678), which a left-padded student batch of width 320 meets. On an H200,
+#: DyPRAG's gradient norm was NaN at five steps of 1,099, and the seeded sample order gives exactly those
+#: five a 320-wide student batch. The other backends (flash, memory-efficient, math) are correct there; only
+#: the choice among them is restricted.
+TRAINING_SDPA_BACKENDS: tuple[SDPBackend, ...] = tuple(
+    b for b in SDPBackend.__members__.values() if b not in (SDPBackend.ERROR, SDPBackend.CUDNN_ATTENTION)
+)
 
 #: Most rows of logged losses kept in the card data (evenly spaced, always the first and the last).
 MAX_CARD_LOSS_ROWS = 200
@@ -204,7 +219,7 @@ class ContextAdaptationTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         method = _method_model(self.accelerator.unwrap_model(model))
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), sdpa_kernel(list(TRAINING_SDPA_BACKENDS)):
             losses = method.training_losses(inputs)
         if "loss" not in losses:
             raise ValueError(f"{type(method).__name__}.training_losses must return a 'loss' entry.")
