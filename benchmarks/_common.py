@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: timing statistics, peak memory sampling, hardware and versions.
+"""Helpers shared by the benchmark scripts: timing statistics, peak memory sampling, load average, reports.
 
 The scripts run as ``python benchmarks/<name>.py`` (Python puts ``benchmarks/`` on ``sys.path``); each one
 also adds its own folder to ``sys.path`` before ``import _common``, so that loading a script by its path
-(as the tests do) finds this module too. torch is imported only where it is needed.
+(as the tests do) finds this module too. torch is imported only where it is needed. Hardware and library
+versions come from ``ctx2param.environment``.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-
-DEFAULT_PACKAGES = ("ctx2param", "torch", "transformers", "peft", "safetensors", "huggingface-hub")
 
 
 # ------------------------------------------------------------------------------------------- timing helpers
@@ -90,56 +88,6 @@ class PeakSampler(threading.Thread):
 
 
 # ------------------------------------------------------------------------------------------------ environment
-def hardware(device: torch.device, gpu_details: bool = True) -> dict[str, Any]:
-    """Platform, CPU model and flags of note, memory, thread count; on CUDA the GPU's name (and, with
-    ``gpu_details``, its memory and the CUDA version)."""
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-        info["cpu_model"] = next(
-            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None
-        )
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        info["cpu_flags_of_note"] = sorted(
-            f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-        )
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            kb = int(next(ln for ln in fh if ln.startswith("MemTotal")).split()[1])
-        info["memory_gb"] = round(kb / 1024**2, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        if gpu_details:
-            info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 1024**3, 1)
-            info["cuda"] = torch.version.cuda
-    return info
-
-
-def versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
-    """``{"python": ..., package: version or "not installed"}``."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages, or None where the OS has none."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 
 from ctx2param import ContextAdapter, apply_adapter, compose
+from ctx2param.environment import hardware_info, library_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
-from _common import hardware, load_average, summarize, sync, versions, write_report  # noqa: E402
+from _common import load_average, summarize, sync, write_report  # noqa: E402
 
 NUM_LAYERS = 30
 HIDDEN, KV_DIM, INTERMEDIATE = 576, 192, 1536
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "adapter_ops",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device, gpu_details=False),
-        "versions": versions(),
+        "hardware": hardware_info(device, gpu_details=False),
+        "versions": library_versions(),
         "settings": {
             "device": str(device),
             "repeats": args.repeats,

@@ -23,8 +23,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,26 +31,14 @@ from typing import Any
 
 import torch
 
+from ctx2param.environment import hardware_info, library_versions
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
-from _common import versions  # noqa: E402
+from _common import load_average  # noqa: E402
 
 BASE_MEMORY_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "ctx2param", "safetensors")
 MODES = ("fp32", "bf16", "8bit", "4bit")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        # timings are only comparable on an otherwise idle machine
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-        info["cuda_version"] = torch.version.cuda
-    return info
 
 
 def _load_kwargs(mode: str, device: str) -> dict[str, Any]:
@@ -170,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.name,
         "base_path": base,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": _hardware(),
-        "versions": versions(BASE_MEMORY_PACKAGES),
+        "hardware": {**hardware_info(), "load_average": load_average()},
+        "versions": library_versions(BASE_MEMORY_PACKAGES),
         "results": rows,
     }
     from ctx2param.file_utils import write_text_atomically

@@ -62,19 +62,18 @@ import torch
 
 from ctx2param import compose
 from ctx2param.alignment import pad_token_lists
+from ctx2param.environment import hardware_info, library_versions
 from ctx2param.modules import context_window, is_quantized_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path (tests)
 from _common import (  # noqa: E402
     PeakSampler,
-    hardware,
     load_average,
     p90,
     rss_bytes,
     summarize,
     sync,
     timed,
-    versions,
     write_report,
 )
 
@@ -542,8 +541,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "context_cost",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device),
-        "versions": versions(),
+        "hardware": hardware_info(device),
+        "versions": library_versions(),
         "settings": {
             "model": what,
             "method": method_of(model),

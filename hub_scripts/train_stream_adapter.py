@@ -783,25 +783,13 @@ def evaluate(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 
 # ==================================================================================================== main
-def versions() -> dict[str, str]:
-    import accelerate
-    import huggingface_hub
-    import safetensors
+def versions() -> dict[str, str | None]:
+    """Library versions of this run, and the CUDA version torch was built with."""
     import torch
-    import transformers
 
-    import ctx2param
+    from ctx2param.environment import DEFAULT_PACKAGES, library_versions
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "huggingface_hub": huggingface_hub.__version__,
-        "safetensors": safetensors.__version__,
-        "ctx2param": ctx2param.__version__,
-    }
+    return {**library_versions((*DEFAULT_PACKAGES, "accelerate")), "cuda": str(torch.version.cuda)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -283,7 +283,7 @@ def test_squad_closed_icl_adapter_with_compas(compas_dir: Path, base_dir: Path, 
     assert (settings["k"], settings["n"], settings["seed"]) == ([1, 2], 2, 3)
     assert settings["systems"] == ["closed", "icl", "adapter"]
     env = data["environment"]
-    assert env["device"] == "cpu" and env["hardware"]["cpu"]
+    assert env["device"] == "cpu" and env["hardware"]["cpu_model"] and "gpu" not in env["hardware"]
     assert {"torch", "transformers", "peft", "ctx2param"} <= set(env["versions"])
     assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     table = rows(data)

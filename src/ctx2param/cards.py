@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .adapter import ContextAdapter
+from .environment import DEFAULT_PACKAGES, library_versions
 from .errors import Ctx2ParamError
 from .file_utils import write_text_atomically
 
@@ -318,14 +317,8 @@ def _render(template_name: str, card_data: ModelCardData, **context: Any) -> str
 
 
 def framework_versions() -> dict[str, str]:
-    """Versions of Python and of the libraries a generator depends on, in this environment."""
-    versions = {"python": platform.python_version()}
-    for package in ("ctx2param", "torch", "transformers", "peft", "huggingface-hub", "safetensors"):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
+    """Versions of Python and of the installed libraries a generator depends on, in this environment."""
+    return {name: version for name, version in library_versions(DEFAULT_PACKAGES).items() if version}
 
 
 def _citations(method: str | None) -> list[str]:

