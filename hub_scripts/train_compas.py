@@ -445,9 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         datasets: list[dict[str, Any]] = []
         examples = build_examples(tokenizer, args, datasets)
-        card = get_card_data(model)
-        for entry in datasets:
-            card.add_dataset(**entry)
+        get_card_data(model).add_datasets(datasets)
         log(f"{len(examples)} training examples ready in {time.perf_counter() - t1:.1f}s")
         metrics = train(model, examples, args, out)
         metrics.update(

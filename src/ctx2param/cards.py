@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,17 @@ class CardData:
         entry["description"] = description
         entry = {k: v for k, v in entry.items() if v is not None}
         self.datasets = [d for d in self.datasets if d.get("name") != name] + [entry]
+
+    def add_datasets(self, entries: Iterable[str | Mapping[str, Any]]) -> None:
+        """Record several data sets: names, or :meth:`add_dataset` arguments as dicts
+        (``{"name": "CoQA", "id": "stanfordnlp/coqa", "num_examples": 7983, "license": "..."}``)."""
+        for entry in entries:
+            if isinstance(entry, str):
+                self.add_dataset(entry)
+            elif isinstance(entry, Mapping):
+                self.add_dataset(**entry)
+            else:
+                raise TypeError(f"datasets entries are names or dicts, got {type(entry).__name__}.")
 
     def add_hyperparameters(self, **values: Any) -> None:
         """Record training settings (JSON-serialisable values; later calls update earlier ones)."""

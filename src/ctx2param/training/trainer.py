@@ -412,14 +412,7 @@ def train_method(
         >>> trainer.state.log_history[-1]
     """
     args = default_training_arguments(output_dir, **training_args)
-    card = get_card_data(_method_model(model))
-    for entry in datasets or ():
-        if isinstance(entry, str):
-            card.add_dataset(entry)
-        elif isinstance(entry, Mapping):
-            card.add_dataset(**entry)
-        else:
-            raise TypeError(f"datasets entries are names or dicts, got {type(entry).__name__}.")
+    get_card_data(_method_model(model)).add_datasets(datasets or ())
     if isinstance(examples, torch.utils.data.Dataset):
         dataset = examples
     else:
