@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import module_shape, text_config
+from ..modules import config_int, module_shape
 
 __all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops", "dyprag_batch_flops"]
 
@@ -60,11 +60,10 @@ def _compute_base_cost(model: nn.Module) -> BaseCost:
         shape = module_shape(module)
         if shape is not None:
             linear += shape[0] * shape[1]
-    text = text_config(model)
     hidden = int(model.get_input_embeddings().embedding_dim)
-    layers = int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0) or 0)
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
-    head_dim = getattr(text, "head_dim", None)
+    layers = config_int(model, ("num_hidden_layers", "n_layer"), positive=True) or 0
+    heads = config_int(model, ("num_attention_heads", "n_head"), positive=True)
+    head_dim = config_int(model, ("head_dim",), positive=True)
     width = int(heads * head_dim) if heads and head_dim else hidden
     vocab = int(model.get_input_embeddings().num_embeddings)
     return BaseCost(linear, vocab * hidden, layers, width, hidden)
