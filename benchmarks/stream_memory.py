@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
-from _common import PeakSampler, rss_bytes  # noqa: E402
+from _common import PeakSampler, load_average, rss_bytes  # noqa: E402
 
 COUNTS = (1, 10, 100)
 _FALLBACK_TEXT = (
@@ -202,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(measure(args.child, args)))
         return 0
 
-    import torch
-    import transformers
+    from ctx2param.environment import hardware_info, library_versions
 
     results = []
     for count in args.counts:
@@ -260,13 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         "identical; a plain transformers forward of the base alone also leaves ~70 bytes of Python objects "
         "per call, which is not StreamAdapter's state.",
         "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "gpu": torch.cuda.get_device_name() if cuda else None,
+            **library_versions(("torch", "transformers")),
+            **hardware_info(args.device),
+            "torch_threads": args.threads,  # the measuring child processes', not this parent's
+            "load_average": load_average(),
         },
     }
     summary["passed"] = all(spreads[k] < 0.05 for k in judged) and summary["state_bytes_constant"]
