@@ -53,13 +53,7 @@ def make(seed: int = 0, **overrides) -> CompAsModel:
     return CompAsModel.from_base(tiny_model("llama"), config, tokenizer=tiny_tokenizer())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def step_losses(trainer: ContextAdaptationTrainer) -> dict[int, dict]:
