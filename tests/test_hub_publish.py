@@ -4,7 +4,6 @@ and offline use of what was downloaded (HF_HUB_OFFLINE=1, in a subprocess: the f
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -71,13 +70,10 @@ def _front_matter(readme: str) -> dict:
     return data
 
 
-def _load_publish_script():
-    spec = importlib.util.spec_from_file_location(
-        "ctx2param_publish", REPO_ROOT / "hub_scripts" / "publish.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def publish_script():
+    """``hub_scripts/publish.py`` imported as a module."""
+    yield from _methods.load_script(REPO_ROOT / "hub_scripts" / "publish.py", "ctx2param_publish")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +267,7 @@ def test_model_push_to_hub_without_a_registered_publisher(generator, monkeypatch
 
 
 # ------------------------------------------------------------------------------------- publish.py and folders
-def test_publish_script(generator, base_repo: str, local_hub, tmp_path: Path, capsys) -> None:
+def test_publish_script(generator, base_repo: str, local_hub, tmp_path: Path, capsys, publish_script) -> None:
     folder = Path(generator.save_pretrained(tmp_path / "trained"))
     card = CardData(license="mit")
     card.add_dataset("passages", id="org/passages")
@@ -279,7 +275,7 @@ def test_publish_script(generator, base_repo: str, local_hub, tmp_path: Path, ca
     (folder / "optimizer.pt").write_bytes(b"\0" * 100)  # training leftovers stay local
     (folder / "checkpoint-10").mkdir()
     repo = _repo("published")
-    publish = _load_publish_script()
+    publish = publish_script
     assert publish.main([str(folder), repo, "--private", "--base-model-id", base_repo]) == 0
     assert repo in capsys.readouterr().out
     files = local_hub.files(repo)
