@@ -40,6 +40,16 @@ def make(arch: str = "llama", **overrides) -> CompAsModel:
     return CompAsModel.from_base(tiny_model(arch), config, tokenizer=tiny_tokenizer())
 
 
+def trained_like(model: CompAsModel, std: float = 0.5, seed: int = 0) -> CompAsModel:
+    """Move the output scale off zero, as training does (a fresh generator's ΔW is zero for every passage)."""
+    with torch.no_grad():
+        model.generator.output_scale.copy_(
+            torch.randn(model.generator.output_scale.shape, generator=torch.Generator().manual_seed(seed))
+            * std
+        )
+    return model
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -61,24 +71,44 @@ def test_from_base_any_causal_lm(arch):
     assert single.shapes == {n: tuple(s) for n, s in model.config.target_shapes.items()}
     pair = model.generate_adapter(["Paris is the capital of France.", "The meeting is on Thursday."])
     assert isinstance(pair, list) and len(pair) == 2
-    # the update is small at initialisation (relative to the weights), but not zero
+    # ΔW is exactly zero for every passage at initialisation (the output scale starts at zero) ...
+    assert all(torch.count_nonzero(single.delta_weight(name)) == 0 for name in single)
+    tok = model.tokenizer
+    ids = tok("Question: What is the password?", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, model(**ids, adapter=single).logits)
+    # ... and small, passage-dependent and nonzero once the scale has moved
+    trained_like(model, std=0.05)
+    single = model.generate_adapter("The secret password is Marigold.")
     modules = dict(model.base_lm.named_modules())
     for name in single:
         ratio = single.delta_weight(name).norm() / modules[name].weight.norm()
-        assert 0 < ratio < 0.25, (name, ratio)  # tiny random weights are small (std 0.02)
-    tok = model.tokenizer
-    ids = tok("Question: What is the password?", return_tensors="pt")
+        assert 0 < ratio < 1.0, (name, ratio)  # tiny random weights are small (std 0.02)
+    other = model.generate_adapter("Paris is the capital of France.")
+    assert single.cosine(other) < 0.999
     with torch.no_grad():
         assert not torch.equal(model(**ids).logits, model(**ids, adapter=single).logits)
     assert isinstance(model.decode_context(single, max_new_tokens=4), str)
 
 
+ALL_TERMS = {"ce_weight": 0.5, "reconstruction_weight": 0.1, "state_weight": 0.5, "additivity_weight": 0.1}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_gradients_reach_every_head_at_initialisation(arch):
-    model = make(arch)
-    losses = model.training_losses(model.collate_training_examples(EXAMPLES))
-    assert set(losses) == {"loss", "alignment", "ce", "additivity", "reconstruction"}
+def test_gradients_start_at_the_output_scale_and_then_reach_every_head(arch):
+    model = make(arch, **ALL_TERMS)
+    batch = model.collate_training_examples(EXAMPLES)
+    losses = model.training_losses(batch)
+    assert set(losses) == {"loss", "alignment", "ce", "state", "additivity", "reconstruction", "specificity"}
     losses["loss"].backward()
+    # ΔW = 0 for every passage at initialisation: of the generator, only the output scale has a gradient
+    grads = {n: p.grad for n, p in model.generator.named_parameters()}
+    assert grads["output_scale"] is not None and grads["output_scale"].abs().sum() > 0
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n != "output_scale")
+    # one step later the gradient reaches every generator parameter, and never the base
+    torch.optim.Adam(model.method_parameters(), lr=1e-2).step()
+    model.zero_grad()
+    model.training_losses(batch)["loss"].backward()
     for name, param in model.named_parameters():
         if name.startswith("base_lm."):
             assert param.grad is None, name
@@ -86,8 +116,11 @@ def test_gradients_reach_every_head_at_initialisation(arch):
             continue  # the decoder's LoRA starts as standard LoRA (B = 0), so A's first gradient is zero
         else:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
-    heads = [n for n, _ in model.named_parameters() if "_heads." in n]
-    assert len(heads) == 4 * len(model.layout.kinds)  # a and b heads, weight and bias, per kind
+    assert len(model.generator.heads) == len(model.layout.kinds)
+    assert model.generator.heads[0].shape[0] == len(model.layout.layers)  # one head per layer by default
+    shared = make(arch, head_sharing="kind")
+    assert shared.generator.heads[0].shape[0] == 1
+    assert shared.parameter_breakdown()["generator"] < model.parameter_breakdown()["generator"]
 
 
 def test_parameter_breakdown_adds_up(model):
@@ -182,9 +215,14 @@ def test_prompts_use_the_chat_template(model):
     # continuation examples (empty query) are plain text: context, then its continuation
     plain = tok.decode(batch["teacher_input_ids"][2], skip_special_tokens=True)
     assert plain.strip() == "The quick brown fox jumps over the lazy dog. A context adapter turns a passage"
-    # the continuation's context is longer than chunk_tokens (24): two chunks, as generate_adapter splits it
-    assert batch["chunk_example"].tolist() == [0, 0, 1, 2, 2]
-    assert batch["chunk_slot"].tolist() == [0, 1, 0, 0, 1]
+    # the continuation's context is longer than chunk_tokens (24): two chunks, as generate_adapter splits it;
+    # the rows are sorted longest first (length buckets), each knowing its example and slot
+    rows = sorted(zip(batch["chunk_example"].tolist(), batch["chunk_slot"].tolist(), strict=True))
+    assert rows == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]
+    lengths = batch["chunk_attention_mask"].sum(-1).tolist()
+    assert lengths == sorted(lengths, reverse=True)
+    assert batch["num_groups"] == 3 and batch["num_slots"] == 2
+    assert batch["example_group"].tolist() == [0, 1, 2]
     # left-padded prompts end in the same column: the answer's logits are the last positions
     n, la = batch["answer_ids"].shape
     for role in ("teacher", "student"):
@@ -207,23 +245,36 @@ def test_answer_logits_ignore_left_padding(model):
 # ------------------------------------------------------------------------------------------------ losses
 @pytest.mark.parametrize(
     ("term", "lr", "factor"),
-    # learning rates and bounds from a small sweep (10 Adam steps, 3 examples, seed 0): alignment 0.0061 ->
-    # 0.0008, additivity 0.50 -> 0.09, CE 6.10 -> 5.46, reconstruction 6.29 -> 5.75
-    [("alignment", 1e-3, 0.5), ("ce", 3e-3, 0.95), ("additivity", 3e-3, 0.5), ("reconstruction", 1e-2, 0.95)],
+    # learning rates and bounds from a small sweep (10 Adam steps, 3 examples, seed 0, output scale moved off
+    # zero as after some training): see the values in the assertion message when it fails
+    [
+        ("alignment", 1e-3, 0.5),
+        ("ce", 3e-3, 0.96),
+        ("state", 3e-3, 0.9),
+        ("additivity", 3e-3, 0.5),
+        ("reconstruction", 1e-2, 0.95),
+    ],
 )
 def test_each_loss_falls_when_trained_alone(term, lr, factor):
     torch.manual_seed(0)
     weights = {
-        w: 0.0 for w in ("alignment_weight", "ce_weight", "additivity_weight", "reconstruction_weight")
+        w: 0.0
+        for w in (
+            "alignment_weight",
+            "ce_weight",
+            "state_weight",
+            "additivity_weight",
+            "reconstruction_weight",
+        )
     }
     weights[f"{term}_weight"] = 1.0
-    model = make(**weights)
+    model = trained_like(make(**weights))
     batch = model.collate_training_examples(EXAMPLES)
     optimizer = torch.optim.Adam(model.method_parameters(), lr=lr)
     values = []
     for _ in range(10):
         losses = model.training_losses(batch)
-        assert set(losses) == {"loss", term}
+        assert set(losses) - {"additivity", "specificity"} == {"loss", term} - {"additivity"}  # + diagnostics
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -289,8 +340,8 @@ def test_additivity_is_zero_for_an_additive_generator():
     batch = additive.collate_training_examples(EXAMPLES)
     assert batch["pair_left"].numel() >= 2
     assert additive.training_losses(batch)["additivity"].item() < 1e-6
-    # the real (attention-based) generator is not additive at initialisation
-    real = make(**weights)
+    # the real (attention-based) generator is not additive (once its ΔW is not zero)
+    real = trained_like(make(**weights))
     assert real.training_losses(real.collate_training_examples(EXAMPLES))["additivity"].item() > 0.05
 
 
@@ -326,8 +377,12 @@ def test_decoder_rejects_foreign_adapters(model):
 def test_config_errors():
     with pytest.raises(ValueError, match="divisible"):
         CompAsConfig(latent_dim=30, num_attention_heads=4)
-    with pytest.raises(ValueError, match="init_b_std"):
-        CompAsConfig(init_b_std=0.0)
+    with pytest.raises(ValueError, match="latent_init_std"):
+        CompAsConfig(latent_init_std=0.0)
+    with pytest.raises(ValueError, match="head_sharing"):
+        CompAsConfig(head_sharing="module")
+    with pytest.raises(ValueError, match="state_layer_fraction"):
+        CompAsConfig(state_layer_fraction=0.0)
     with pytest.raises(ValueError, match="alignment_weight"):
         CompAsConfig(alignment_weight=-1.0)
     with pytest.raises(ValueError, match="numbered"):

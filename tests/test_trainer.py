@@ -31,7 +31,10 @@ from ctx2param.training.trainer import (
     train_method,
 )
 
-SMALL = {"latent_dim": 32, "num_attention_heads": 2, "rank": 4, "decoder_hidden": 32, "chunk_tokens": 24}
+SMALL = {
+    "latent_dim": 32, "num_attention_heads": 2, "rank": 4, "decoder_hidden": 32, "chunk_tokens": 24,
+    "ce_weight": 0.5, "reconstruction_weight": 0.1,  # every loss term, so that each is exercised
+}  # fmt: skip
 EXAMPLES = [
     TrainingExample(
         ("The secret password is Marigold.",), "Question: What is the password?\nAnswer:", "Marigold"
@@ -190,6 +193,8 @@ def test_dataset_adds_distractors_deterministically():
 
 def test_fine_tune_released_generator_on_user_jsonl(tmp_path):
     released = make()
+    with torch.no_grad():  # a trained generator: its output scale has left zero (a fresh one starts there)
+        released.generator.output_scale.normal_(0.0, 0.5)
     released.save_pretrained(tmp_path / "released")
     data = tmp_path / "mine.jsonl"
     save_jsonl(EXAMPLES[:3], data)

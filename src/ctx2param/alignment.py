@@ -32,18 +32,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import ContextAdapter, LoraFactors
+from .adapter import stack as stack_adapters
 from .errors import ContextError
-from .injection import apply_adapter
+from .injection import apply_adapter, attach_stacked_adapter
 from .modules import LayerKindLayout, config_int, context_window, target_module_shapes
+from .stacked import StackedAdapter
 
 __all__ = [
     "ChunkAlignmentMixin",
     "alignment_kl",
+    "length_buckets",
     "masked_cross_entropy",
     "pad_token_lists",
     "plain_start_ids",
     "position_ids_from_mask",
     "prompt_answer_batch",
+    "shared_suffix_mask",
+    "state_alignment",
     "sum_chunk_adapters",
 ]
 
@@ -129,6 +134,59 @@ def prompt_answer_batch(
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
 
 
+def length_buckets(
+    lengths: Sequence[int], max_padding: float = 0.05, min_rows: int = 16
+) -> list[tuple[int, int, int]]:
+    """Row ranges ``[(start, end, width)]`` of rows sorted longest first, each read ``width`` wide (its first
+    row's length): a new range starts when padding the next row would take the range's padded share of
+    token slots above ``max_padding`` (ranges have at least ``min_rows`` rows, except the last)."""
+    if any(a < b for a, b in zip(lengths, lengths[1:], strict=False)):
+        raise ValueError("length_buckets needs lengths sorted longest first.")
+    buckets: list[tuple[int, int, int]] = []
+    start = 0
+    while start < len(lengths):
+        width = max(1, lengths[start])
+        end, padding = start + 1, 0
+        while end < len(lengths):
+            extra = width - lengths[end]
+            if end - start >= min_rows and padding + extra > max_padding * width * (end - start + 1):
+                break
+            padding += extra
+            end += 1
+        buckets.append((start, end, width))
+        start = end
+    return buckets
+
+
+def shared_suffix_mask(
+    teacher_prompts: Sequence[Sequence[int]],
+    student_prompts: Sequence[Sequence[int]],
+    answer_mask: torch.Tensor,
+    max_shared: int = 64,
+) -> torch.Tensor:
+    """``[N, S + La]`` mask of the positions the state alignment compares: the last ``S`` prompt tokens
+    (``S`` = the longest, at most ``max_shared``, token suffix a teacher prompt shares with its student
+    prompt: the question and the generation prompt), then the answer tokens (``answer_mask [N, La]``).
+    Rows that share a shorter suffix are masked on the left."""
+    shared = []
+    for t, s in zip(teacher_prompts, student_prompts, strict=True):
+        k = 0
+        while k < min(len(t), len(s), max_shared) and t[len(t) - 1 - k] == s[len(s) - 1 - k]:
+            k += 1
+        shared.append(k)
+    span = max(shared)
+    prompt_part = torch.arange(span)[None, :] >= (span - torch.tensor(shared))[:, None]
+    return torch.cat([prompt_part.to(answer_mask.dtype), answer_mask], 1)
+
+
+def state_alignment(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean relative squared distance ‖h_s − h_t‖² / ‖h_t‖² of hidden states ``[N, P, layers, D]`` over the
+    positions of ``mask [N, P]`` and the layers (SADA-style state alignment; 0 when they agree)."""
+    t, s = teacher.float(), student.float()
+    per = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)  # [N, P, layers]
+    return _masked_mean(per.mean(-1), mask)
+
+
 def sum_chunk_adapters(
     chunks: ContextAdapter, example: torch.Tensor, slot: torch.Tensor, num_examples: int
 ) -> ContextAdapter:
@@ -173,8 +231,9 @@ class ChunkAlignmentMixin:
 
     # ------------------------------------------------------------------------------ method hook
     def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
-        """Method-specific: a batched adapter ``[C, ...]`` for ``C`` chunks (right padded ``[C, T]``)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement chunk_adapters(ids, mask).")
+        """A batched adapter ``[C, ...]`` for ``C`` chunks (right padded ``[C, T]``), from the method's
+        :meth:`generate_factors`."""
+        return self.chunk_factors(input_ids, attention_mask).to_adapter()
 
     # ------------------------------------------------------------------------------ layout
     def _target_layout(self, layout_class: type[LayerKindLayout], base_model: nn.Module) -> LayerKindLayout:
@@ -205,14 +264,33 @@ class ChunkAlignmentMixin:
             states = self.base_lm(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states
         return tuple(states) if all_layers else (states[-1],)
 
-    def factors_to_adapter(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
-        """A batched adapter from per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]`` (kinds and
-        layer positions of ``self.layout``, a :class:`~ctx2param.modules.LayerKindLayout`)."""
-        out = {}
-        for name, (layer, kind) in self.layout.positions.items():  # type: ignore[attr-defined]
-            A, B = factors[kind]
-            out[name] = LoraFactors(A[:, layer], B[:, layer], self.config.scale)
-        return ContextAdapter(out, self.config.base_model_name_or_path, self.config.base_model_revision)
+    def stack_factors(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StackedAdapter:
+        """Per-kind factors ``A [N, L, r, d_in]``, ``B [N, L, d_out, r]`` (kinds and layer positions of
+        ``self.layout``, a :class:`~ctx2param.modules.LayerKindLayout`) as a :class:`StackedAdapter`."""
+        presence = getattr(self, "_presence", None)
+        return StackedAdapter(
+            self.layout,  # type: ignore[attr-defined]
+            tuple(factors),
+            self.config.scale,
+            presence if isinstance(presence, torch.Tensor) else None,
+            self.config.base_model_name_or_path,
+            self.config.base_model_revision,
+        )
+
+    def factors_to_adapter(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> ContextAdapter:
+        """A batched :class:`ContextAdapter` from per-kind factors (see :meth:`stack_factors`)."""
+        return self.stack_factors(factors).to_adapter()
+
+    def generate_factors(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Method-specific: per-kind factors ``A [C, L, r, d_in]``, ``B [C, L, d_out, r]`` for ``C`` chunks
+        (right-padded ``[C, T]``), differentiable in the method's parameters."""
+        raise NotImplementedError(f"{type(self).__name__} must implement generate_factors(ids, mask).")
+
+    def chunk_factors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StackedAdapter:
+        """The chunks' adapters ``[C, ...]`` as a :class:`StackedAdapter` (the training fast path)."""
+        return self.stack_factors(self.generate_factors(input_ids, attention_mask))
 
     # ------------------------------------------------------------------------------ base facts
     def _num_hidden_layers(self) -> int | None:
@@ -429,33 +507,39 @@ class ChunkAlignmentMixin:
         return results[0] if isinstance(contexts, str) else results
 
     # ------------------------------------------------------------------------------------------ training
-    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """``TrainingExample``s → one batch of tensors for :meth:`training_losses`.
+    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, Any]:
+        """``TrainingExample``s → one batch for :meth:`training_losses`.
 
         A context longer than ``config.chunk_tokens`` tokens is split as :meth:`generate_adapter` splits it;
         an example keeps at most ``config.max_train_chunks`` chunks, and fewer when the teacher's prompt
-        would not fit the base model's window (the teacher reads exactly the kept ones).
+        would not fit the base model's window (the teacher reads exactly the kept ones). Examples that keep
+        the same chunks (several questions about one context set) share one set of chunk adapters.
 
         Returns:
-            ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (right padded), ``chunk_example``/
-            ``chunk_slot`` ``[C]``; ``teacher_*`` and ``student_*`` (``input_ids``, ``attention_mask``,
-            ``position_ids``; rows ``[left pad][prompt][answer][right pad]``), ``answer_ids``/``answer_mask``
-            ``[N, La]``.
+            ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (right padded, longest first),
+            ``chunk_example``/``chunk_slot`` ``[C]`` (the chunk's context set and its position there),
+            ``chunk_buckets`` (``[(start, end, width)]``: row ranges of similar length, each read with its
+            own width, so that little padding is computed), ``num_groups`` / ``num_slots`` (ints: context
+            sets, most chunks in one), ``example_group`` ``[N]`` (each example's context set); ``teacher_*``
+            and ``student_*`` (``input_ids``, ``attention_mask``, ``position_ids``; rows
+            ``[left pad][prompt][answer][right pad]``), ``answer_ids``/``answer_mask`` ``[N, La]``, and for
+            state alignment ``state_mask`` ``[N, S + La]`` (the last ``S`` prompt tokens both roles share,
+            then the answer tokens).
         """
         return self._collate_chunks(examples)[0]
 
     def _collate_chunks(
         self, examples: Sequence[Any], with_answers: bool = True
-    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """The batch of :meth:`collate_training_examples` (without ``teacher_*``, ``student_*`` and
-        ``answer_*`` when ``with_answers`` is false) and the kept chunks' texts, for methods that add to
-        it."""
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The batch of :meth:`collate_training_examples` (without ``teacher_*``, ``student_*``, ``answer_*``
+        and ``state_mask`` when ``with_answers`` is false) and the chunks' texts in row order, for methods
+        that add to it."""
         if not examples:
             raise ValueError("collate_training_examples got an empty list of examples.")
         cfg = self.config
-        chunk_texts: list[str] = []
-        chunk_example: list[int] = []
-        chunk_slot: list[int] = []
+        group_of: dict[tuple[str, ...], int] = {}
+        group_pieces: list[list[str]] = []
+        example_group: list[int] = []
         teacher_prompts, student_prompts, answers = [], [], []
         window = self.max_positions or 10**9
         for e, ex in enumerate(examples):
@@ -470,77 +554,167 @@ class ChunkAlignmentMixin:
                     break
                 kept.append(pieces)
                 room -= len(pieces)
-            answer = self.answer_ids(ex.query, ex.answer)
+            answer = self.answer_ids(ex.query, ex.answer) if with_answers else []
             while True:  # the teacher reads exactly the kept pieces; drop trailing ones beyond the window
                 seen = [c if [c] == ps else " ".join(ps) for c, ps in zip(contexts, kept, strict=False)]
-                teacher = self.prompt_ids(ex.query, seen)
+                teacher = self.prompt_ids(ex.query, seen) if with_answers else []
                 if len(teacher) + len(answer) <= window or sum(map(len, kept)) <= 1:
                     break
                 kept[-1].pop()
                 if not kept[-1]:
                     kept.pop()
-            for slot, piece in enumerate(p for ps in kept for p in ps):
-                chunk_texts.append(piece)
-                chunk_example.append(e)
-                chunk_slot.append(slot)
-            teacher_prompts.append(teacher)
-            student_prompts.append(self.prompt_ids(ex.query))
-            answers.append(answer)
+            flat = tuple(p for ps in kept for p in ps)
+            if flat not in group_of:
+                group_of[flat] = len(group_pieces)
+                group_pieces.append(list(flat))
+            example_group.append(group_of[flat])
+            if with_answers:
+                teacher_prompts.append(teacher)
+                student_prompts.append(self.prompt_ids(ex.query))
+                answers.append(answer)
+        rows = [
+            (g, slot, piece) for g, pieces in enumerate(group_pieces) for slot, piece in enumerate(pieces)
+        ]
+        encoded = [self._encode_chunk(piece) for _, _, piece in rows]
+        order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))  # longest first (stable)
+        rows = [rows[i] for i in order]
+        encoded = [encoded[i] for i in order]
         pad = self.pad_token_id
-        ids, mask = pad_token_lists([self._encode_chunk(t) for t in chunk_texts], pad)
-        batch: dict[str, torch.Tensor] = {
+        ids, mask = pad_token_lists(encoded, pad)
+        batch: dict[str, Any] = {
             "chunk_input_ids": ids,
             "chunk_attention_mask": mask,
-            "chunk_example": torch.tensor(chunk_example),
-            "chunk_slot": torch.tensor(chunk_slot),
+            "chunk_example": torch.tensor([g for g, _, _ in rows]),
+            "chunk_slot": torch.tensor([slot for _, slot, _ in rows]),
+            "chunk_buckets": length_buckets([len(x) for x in encoded]),
+            "num_groups": len(group_pieces),
+            "num_slots": max(len(p) for p in group_pieces),
+            "example_group": torch.tensor(example_group),
         }
         if with_answers:
             for role, prompts in (("teacher", teacher_prompts), ("student", student_prompts)):
                 for key, value in prompt_answer_batch(prompts, answers, pad).items():
                     batch[f"{role}_{key}"] = value
             batch["answer_ids"], batch["answer_mask"] = pad_token_lists(answers, pad)
-        return batch, chunk_texts
+            batch["state_mask"] = shared_suffix_mask(teacher_prompts, student_prompts, batch["answer_mask"])
+        return batch, [piece for _, _, piece in rows]
 
-    def answer_logits(self, batch: dict[str, torch.Tensor], role: str, answer_len: int) -> torch.Tensor:
-        """Logits ``[N, La, V]`` that predict the answer tokens of the ``role`` (teacher/student) rows."""
+    def batch_chunk_factors(self, batch: dict[str, Any], reference: bool = False) -> StackedAdapter:
+        """The adapters of a batch's chunks ``[C, ...]`` (row order of ``chunk_input_ids``).
+
+        The fast path runs the generator once per length bucket (``chunk_buckets``), each cut to its own
+        width; ``reference=True`` reads all chunks in one padded pass. Both give the same factors.
+        """
+        ids, mask = batch["chunk_input_ids"], batch["chunk_attention_mask"]
+        buckets = batch.get("chunk_buckets")
+        if reference or not buckets or len(buckets) == 1 and buckets[0][2] == ids.shape[1]:
+            return self.chunk_factors(ids, mask)
+        parts = [self.generate_factors(ids[s:e, :w], mask[s:e, :w]) for s, e, w in buckets]
+        factors = [
+            (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts]))
+            for k in range(len(parts[0]))
+        ]
+        return self.stack_factors(factors)
+
+    def answer_logits(
+        self,
+        batch: dict[str, Any],
+        role: str,
+        answer_len: int,
+        state_layers: Sequence[int] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, La, V]`` that predict the answer tokens of the ``role`` (teacher/student) rows.
+
+        With ``state_layers`` (indices into ``hidden_states``, 0 = embeddings), also those layers' hidden
+        states ``[N, P, len(state_layers), D]`` at the last ``P = state_mask.shape[1]`` columns."""
         out = self.base_lm(
             input_ids=batch[f"{role}_input_ids"],
             attention_mask=batch[f"{role}_attention_mask"],
             position_ids=batch[f"{role}_position_ids"],
             use_cache=False,
             logits_to_keep=answer_len + 1,
+            output_hidden_states=bool(state_layers),
         )
-        return out.logits[:, :-1]
+        logits = out.logits[:, :-1]
+        if not state_layers:
+            return logits
+        span = batch["state_mask"].shape[1]
+        hidden = torch.stack([out.hidden_states[layer][:, -span:] for layer in state_layers], 2)
+        return logits, hidden
 
-    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``loss`` = alignment_weight · KL(teacher ‖ student) + ce_weight · CE(student) on the answers.
+    def state_layers(self) -> list[int]:
+        """Hidden-state indices aligned by the state loss: the deepest ``config.state_layer_fraction`` of the
+        base's layers (``hidden_states`` indices, 1 = the first layer's output)."""
+        num = self._num_hidden_layers() or 1
+        fraction = float(getattr(self.config, "state_layer_fraction", 0.5))
+        first = max(1, num + 1 - max(1, round(num * fraction)))
+        return list(range(first, num + 1))
 
-        Returns ``loss`` and the unweighted terms whose weight is nonzero (``alignment``, ``ce``).
+    def training_losses(self, batch: dict[str, Any], reference: bool = False) -> dict[str, torch.Tensor]:
+        """``loss`` = alignment_weight · KL(teacher ‖ student) + ce_weight · CE(student) [+ state_weight ·
+        state alignment] on the answers.
+
+        ``reference=True`` computes the same numbers module by module (``ContextAdapter`` objects and
+        :func:`~ctx2param.injection.apply_adapter`), for tests of the fast path.
+
+        Returns ``loss`` and the unweighted terms whose weight is nonzero (``alignment``, ``ce``, ``state``).
         """
-        cfg = self.config
-        if cfg.alignment_weight <= 0 and cfg.ce_weight <= 0:
-            raise ValueError("alignment_weight and ce_weight are both zero: nothing to train.")
-        device = self.base_device  # type: ignore[attr-defined]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        chunks = self.chunk_adapters(batch["chunk_input_ids"], batch["chunk_attention_mask"])
-        total, losses = self.alignment_losses(batch, chunks)
+        batch = self._batch_to_device(batch)
+        chunks = self.batch_chunk_factors(batch, reference)
+        total, losses = self.alignment_losses(batch, chunks, reference)
         return {"loss": total, **losses}
 
+    def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.base_device  # type: ignore[attr-defined]
+        return {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
+
+    def _student_adapter(self, batch: dict[str, Any], chunks: StackedAdapter, reference: bool) -> Any:
+        """The per-example sums Σ_i ΔW(c_i), attached to the base (a context manager)."""
+        n = batch["answer_ids"].shape[0]
+        groups = int(batch.get("num_groups", n))
+        if reference:
+            per_group = sum_chunk_adapters(
+                chunks.to_adapter(), batch["chunk_example"], batch["chunk_slot"], groups
+            )
+            if groups != n:
+                singles = per_group.unbind()
+                per_group = stack_adapters([singles[g] for g in batch["example_group"].tolist()])
+            return apply_adapter(self.base_lm, per_group)
+        slots = int(batch.get("num_slots") or int(batch["chunk_slot"].max().item()) + 1)
+        summed = chunks.group_sum(batch["chunk_example"], batch["chunk_slot"], groups, slots)
+        if groups != n:
+            summed = summed.select(batch["example_group"])
+        return attach_stacked_adapter(self.base_lm, summed)
+
     def alignment_losses(
-        self, batch: dict[str, torch.Tensor], chunks: ContextAdapter
+        self, batch: dict[str, Any], chunks: StackedAdapter | ContextAdapter, reference: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum and the unweighted terms (``alignment``, ``ce``; those whose weight is nonzero)
-        of a batch already on the base's device, given the chunks' batched adapter ``[C, ...]``."""
+        """The weighted sum and the unweighted terms (``alignment``, ``ce``, ``state``; those whose weight is
+        nonzero) of a batch already on the base's device, given the chunks' adapters ``[C, ...]``."""
         cfg = self.config
+        state_weight = float(getattr(cfg, "state_weight", 0.0))
+        if cfg.alignment_weight <= 0 and cfg.ce_weight <= 0 and state_weight <= 0:
+            raise ValueError("alignment_weight, ce_weight and state_weight are all zero: nothing to train.")
+        if isinstance(chunks, ContextAdapter):
+            chunks = StackedAdapter.from_adapter(chunks, self.layout)  # type: ignore[attr-defined]
         n, answer_len = batch["answer_ids"].shape
-        student_adapter = sum_chunk_adapters(chunks, batch["chunk_example"], batch["chunk_slot"], n)
+        layers = self.state_layers() if state_weight > 0 else []
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["answer_ids"].device)
-        if cfg.alignment_weight > 0:
+        teacher = teacher_states = None
+        if cfg.alignment_weight > 0 or layers:
             with torch.no_grad():
-                teacher = self.answer_logits(batch, "teacher", answer_len)
-        with apply_adapter(self.base_lm, student_adapter):
-            student = self.answer_logits(batch, "student", answer_len)
+                teacher = self.answer_logits(batch, "teacher", answer_len, layers)
+            if layers:
+                teacher, teacher_states = teacher
+        with self._student_adapter(batch, chunks, reference):
+            student = self.answer_logits(batch, "student", answer_len, layers)
+        if layers:
+            student, student_states = student
+            losses["state"] = state_alignment(teacher_states, student_states, batch["state_mask"])
+            total = total + state_weight * losses["state"]
         if cfg.alignment_weight > 0:
             losses["alignment"] = alignment_kl(teacher, student, batch["answer_mask"], cfg.kl_temperature)
             total = total + cfg.alignment_weight * losses["alignment"]

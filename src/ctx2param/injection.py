@@ -18,6 +18,7 @@ loader calls :func:`keep_4bit_exact` right after loading, before any forward pas
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = [
     "merge_adapter",
     "resolve_adapter_modules",
     "unmerge_adapter",
+    "attach_stacked_adapter",
+    "StackedAdapterHandle",
 ]
 
 
@@ -302,3 +305,123 @@ def merge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
 def unmerge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
     """Subtract a merged ΔW again (exact up to the rounding of the weight dtype)."""
     _add_delta(_mergeable_modules(model, adapter), adapter, -1.0)
+
+
+# ------------------------------------------------------------------------------------ stacked adapters
+class StackedAdapterHandle:
+    """A :class:`~ctx2param.stacked.StackedAdapter` attached to a model (per-example updates, one hook per
+    target module reading its layer's slice); :meth:`detach` or leaving the ``with`` block removes it.
+
+    Per module kind the factors are cast once to the activations' dtype (and moved once to their device),
+    not once per module; each hook then does two batched matrix products on views.
+    """
+
+    def __init__(self, model: nn.Module, stacked: Any, modules: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.stacked = stacked
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._cast: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        scale = float(stacked.scale)
+        for name, module in modules.items():
+            layer, kind = stacked.layout.positions[name]
+
+            def hook(
+                mod: nn.Module,
+                args: tuple[Any, ...],
+                output: torch.Tensor,
+                _layer: int = layer,
+                _kind: int = kind,
+            ) -> torch.Tensor:
+                x = args[0]
+                A, B = self._factors(_kind, x.dtype, x.device)
+                A, B = A[:, _layer], B[:, _layer]  # [N, r, d_in], [N, d_out, r] (views)
+                n = A.shape[0]
+                if x.dim() != 3 or x.shape[0] % n:
+                    raise AdapterMismatchError(
+                        f"A stacked adapter of {n} examples needs inputs [batch, tokens, features] with "
+                        f"batch a multiple of {n}; got input of shape {tuple(x.shape)}."
+                    )
+                if x.shape[0] != n:
+                    repeat = x.shape[0] // n
+                    A, B = A.repeat_interleave(repeat, 0), B.repeat_interleave(repeat, 0)
+                hidden = torch.bmm(x, A.mT)
+                if scale != 1.0:
+                    hidden = hidden * scale
+                delta = torch.bmm(hidden, B.mT).to(output.dtype)
+                if torch.is_grad_enabled() and (output.requires_grad or delta.requires_grad):
+                    return output + delta
+                return output.add_(delta)
+
+            self._hooks.append(module.register_forward_hook(hook))
+
+    def _factors(
+        self, kind: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (kind, dtype, device)
+        found = self._cast.get(key)
+        if found is None:
+            A, B = self.stacked.factors[kind]
+            found = (A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype))
+            self._cast[key] = found
+        return found
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Remove the adapter; the model computes exactly as before it was attached."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._cast.clear()
+
+    def __enter__(self) -> StackedAdapterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+#: Resolved target modules per model (weakly held) and layout: attaching happens every training step.
+_STACKED_MODULES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], dict[str, nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _stacked_modules(model: nn.Module, layout: Any) -> dict[str, nn.Module]:
+    """``{name: module}`` of the layout's target modules in ``model`` (resolved once per model and layout)."""
+    root = _adapter_root(model)
+    names = tuple(layout.positions)
+    per_model = _STACKED_MODULES.setdefault(root, {})
+    found = per_model.get(names)
+    if found is not None:
+        return found
+    modules = dict(root.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise AdapterMismatchError(
+            f"The stacked adapter targets {missing[:3]}, which {type(root).__name__} does not have; it was "
+            "made for another base model."
+        )
+    found = {n: modules[n] for n in names}
+    for name, module in found.items():
+        shape = module_shape(module)
+        layer, kind = layout.positions[name]
+        if shape != tuple(layout.kind_shapes[kind]):
+            raise AdapterMismatchError(
+                f"Module {name!r}: the model's layer is {shape} (d_out, d_in) but the stacked adapter's kind "
+                f"{layout.kinds[kind]!r} is {tuple(layout.kind_shapes[kind])}."
+            )
+    per_model[names] = found
+    return found
+
+
+def attach_stacked_adapter(model: nn.Module, stacked: Any) -> StackedAdapterHandle:
+    """Attach a :class:`~ctx2param.stacked.StackedAdapter` (``N`` per-example updates) to ``model``.
+
+    Computes what :func:`attach_adapter` computes for ``stacked.to_adapter()`` (the same products in the
+    same order), without building ``ContextAdapter`` objects: the training fast path.
+    """
+    modules = _stacked_modules(model, stacked.layout)
+    return StackedAdapterHandle(model, stacked, modules)

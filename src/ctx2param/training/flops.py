@@ -19,7 +19,40 @@ from torch import nn
 
 from ..modules import config_int, module_shape
 
-__all__ = ["BaseCost", "base_cost", "batch_flops", "compas_batch_flops", "dyprag_batch_flops"]
+__all__ = [
+    "PEAK_BF16_FLOPS",
+    "BaseCost",
+    "base_cost",
+    "batch_flops",
+    "batch_statistics",
+    "compas_batch_flops",
+    "dyprag_batch_flops",
+    "peak_bf16_flops",
+    "token_slots",
+]
+
+#: Dense bf16 peak FLOP/s by GPU name (substring, first match wins): the denominator of every MFU ctx2param
+#: reports (the vendors' datasheets; an H100 PCIe is slower than the SXM part).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("A100", 312.0e12),
+    ("L40S", 362.0e12),
+    ("A10G", 70.0e12),
+    ("L4", 121.0e12),
+)
+
+
+def peak_bf16_flops(device: torch.device | str | None = None, name: str | None = None) -> float | None:
+    """The dense bf16 peak of a CUDA device (by its name in :data:`PEAK_BF16_FLOPS`); None on the CPU or
+    for a GPU the table does not know."""
+    if name is None:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_BF16_FLOPS if key in name), None)
 
 
 @dataclass(frozen=True)
@@ -114,16 +147,21 @@ def compas_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {"generator": 0.0, "teacher": 0.0, "student": 0.0, "decoder": 0.0}
     tokens = 0.0
 
+    blocks = int(getattr(cfg, "num_blocks", 1))
+    head_dim = int(getattr(cfg, "head_dim", d // 2))
+
     def generator_pass(lengths: torch.Tensor) -> float:
         t = float(lengths.sum())
         c = len(lengths)
-        per_token = 2.0 * d_model * d + 2.0 * d * 2 * d  # input projection, keys/values
-        attention = 4.0 * m * d * t  # scores and values
+        per_token = 2.0 * d_model * d + blocks * 2.0 * d * 2 * d  # input projection; keys/values per block
+        attention = blocks * 4.0 * m * d * t  # scores and values
         ff = 2.0 * 2 * cfg.ff_mult * d * d
         self_attn = (2.0 * 4 * d * d + 4.0 * m * d) if cfg.latent_self_attention else 0.0
-        per_latent = 2.0 * 2 * d * d + ff + self_attn + 2.0 * (d // 2) * head_io
+        per_latent = (
+            blocks * (2.0 * 2 * d * d + ff + self_attn) + 2.0 * d * head_dim + 2.0 * head_dim * head_io
+        )
         block = n_layers * (per_token * t + attention + c * m * per_latent)
-        return cost.forward(lengths) + 3.0 * block  # frozen base forward; block forward + backward
+        return cost.forward(lengths) + 3.0 * block  # frozen base forward; generator forward + backward
 
     chunk_lengths = _lengths(inputs, "chunk_attention_mask")
     out["generator"] += generator_pass(chunk_lengths)
@@ -179,10 +217,70 @@ def dyprag_batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
 
 
 def batch_flops(model: Any, inputs: dict[str, Any]) -> dict[str, float]:
-    """FLOPs of one training step of ``model`` on ``inputs`` (methods this module knows; KeyError else)."""
+    """FLOPs of one training step of ``model`` on ``inputs``: CompAs and DyPRAG here, any method with a
+    ``training_flops(batch)`` of its own (StreamAdapter); KeyError for others."""
     method = getattr(getattr(model, "config", None), "method_name", None)
     if method == "compas":
         return compas_batch_flops(model, inputs)
     if method == "dyprag":
         return dyprag_batch_flops(model, inputs)
+    own = getattr(model, "training_flops", None)
+    if callable(own):
+        return own(inputs)
     raise KeyError(f"No FLOP count for method {method!r}.")
+
+
+#: Attention masks of the passes a training step runs, by the methods' batch keys.
+PASS_MASKS = (
+    "chunk_attention_mask",
+    "pair_attention_mask",
+    "teacher_attention_mask",
+    "student_attention_mask",
+    "recon_mask",
+    "chunk_mask",
+    "teacher_mask",
+    "student_mask",
+)
+
+
+def token_slots(inputs: dict[str, Any]) -> tuple[float, float]:
+    """``(real tokens, token slots)`` the passes of a step compute: slots count padding too (a chunk batch
+    read in length buckets, ``chunk_buckets``, pays only for each bucket's own width)."""
+    real = slots = 0.0
+    for key in PASS_MASKS:
+        mask = inputs.get(key)
+        if not isinstance(mask, torch.Tensor):
+            continue
+        real += float(mask.sum())
+        buckets = inputs.get("chunk_buckets") if key == "chunk_attention_mask" else None
+        slots += float(sum((e - s) * w for s, e, w in buckets)) if buckets else float(mask.numel())
+    return real, slots
+
+
+def batch_statistics(model: Any, inputs: dict[str, Any] | None) -> dict[str, float]:
+    """Plain numbers of a collated batch for the training log: ``flops`` (0 for a method without a FLOP
+    count) and its parts (``flops_<part>``), ``tokens`` (every token any pass reads), ``context_tokens``,
+    ``real`` and ``slots`` (:func:`token_slots`), ``examples``. Runs on the CPU (in the data loader).
+    ``inputs=None`` only resolves the base model's cost (call it before data-loader workers fork)."""
+    base = getattr(model, "base_lm", None)
+    if inputs is None:
+        if isinstance(base, nn.Module):
+            base_cost(base)
+        return {}
+    try:
+        parts = batch_flops(model, inputs)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        parts = {}
+    real, slots = token_slots(inputs)
+    out = {
+        "flops": float(parts.get("total", 0.0)),
+        "tokens": float(parts.get("tokens", real)),
+        "context_tokens": float(parts.get("context_tokens", 0.0)),
+        "real": real,
+        "slots": slots,
+        "examples": float(next((len(v) for k, v in inputs.items() if k.endswith("input_ids")), 0)),
+    }
+    for key, value in parts.items():
+        if key not in ("total", "tokens", "context_tokens"):
+            out[f"flops_{key}"] = float(value)
+    return out

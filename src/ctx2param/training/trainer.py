@@ -16,7 +16,16 @@ from ``transformers.Trainer``. What is specific:
   one overflow under bf16 autocast cannot turn every weight into NaN;
 - the loss is computed with cuDNN attention switched off (:data:`TRAINING_SDPA_BACKENDS`): its backward
   returns NaN for some padded batches on H100 / H200;
-- :func:`train_method` is the one-call API.
+- the step never waits for the host: batches come from DataLoader workers, grouped by length
+  (:class:`~ctx2param.training.sampler.LengthGroupedBatchSampler`: little padding; examples that share their
+  contexts travel together so the methods make those adapters once), with their token and FLOP counts made
+  in the workers (:class:`~ctx2param.training.metrics.BatchStatistics`); losses are summed on the device and
+  read back only every ``logging_steps``; the frozen base runs in bf16 when training in bf16 on a GPU;
+- :class:`~ctx2param.training.metrics.TrainingMonitor` keeps the time budget (``max_minutes``), writes
+  ``train_log.jsonl`` and measures throughput, MFU, padding and peak memory (``train_metrics.json``,
+  ``loss_curves.png`` beside the weights);
+- :func:`train_method` is the one-call API; ``ctx2param train`` and the ``hub_scripts/train_*.py`` recipes
+  call it.
 
 Card data (sentence-transformers keeps its ``model_card_data`` the same way): the trainer fills
 ``ctx2param.hub.get_card_data(model)`` with the training settings (from ``TrainingArguments`` and the method's
@@ -32,6 +41,7 @@ Multi-GPU note: the trainer calls ``training_losses`` on the unwrapped model, wh
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -44,18 +54,25 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainingArguments
 
 from ..cards import CardData, framework_versions
+from ..environment import hardware_info, library_versions
 from ..evaluation.datasets import seeded_rng
+from ..file_utils import write_text_atomically
 from ..hub import CARD_DATA_NAME, get_card_data
 from .callbacks import NonFiniteGradientGuard
 from .data import TrainingExample
+from .metrics import BatchStatistics, TrainingMonitor, plot_losses
+from .sampler import LengthGroupedBatchSampler
 
 __all__ = [
     "MAX_CARD_LOSS_ROWS",
     "TRAINING_SDPA_BACKENDS",
     "ContextAdaptationTrainer",
     "TrainingExampleDataset",
+    "cast_frozen_base",
     "default_training_arguments",
     "hardware_description",
+    "latest_checkpoint",
+    "write_training_metrics",
     "train_method",
 ]
 
@@ -113,6 +130,22 @@ class TrainingExampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def lengths(self, tokenizer: Any = None) -> list[int]:
+        """A length per item for batching by length: the tokens of its contexts, query and answer (characters
+        / 4 without a tokenizer). The teacher reads about this many tokens."""
+        items = [self[i] for i in range(len(self))]
+        texts = [" ".join([*ex.contexts, ex.query, ex.answer]) for ex in items]
+        if tokenizer is None:
+            return [max(1, len(t) // 4) for t in texts]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [max(1, len(row)) for row in ids]
+
+    def groups(self) -> list[int]:
+        """A group id per item: items with the same contexts share one (several questions about one context
+        set: the trainer batches them together and the method makes their adapters once)."""
+        ids: dict[tuple[str, ...], int] = {}
+        return [ids.setdefault(tuple(self[i].contexts), len(ids)) for i in range(len(self))]
+
     def __getitem__(self, index: int) -> TrainingExample:
         ex = self.examples[index]
         if not self.max_chunks or self.max_chunks < 2 or not ex.query or len(self.examples) < 2:
@@ -157,6 +190,24 @@ def _thin(rows: Sequence[Any], limit: int) -> list[Any]:
     return [rows[i] for i in idx]
 
 
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen base model's floating-point weights and buffers to ``dtype`` (bf16 for GPU training:
+    the base then computes in bf16 without autocast recasting its weights at every matrix product).
+    Quantized and non-float tensors are left alone. Returns the number of tensors cast."""
+    base = model.base_lm
+    cast = 0
+    with torch.no_grad():
+        for tensor in [*base.parameters(), *base.buffers()]:
+            if (
+                tensor.is_floating_point()
+                and tensor.dtype != dtype
+                and tensor.dtype in (torch.float32, torch.float16)
+            ):
+                tensor.data = tensor.data.to(dtype)
+                cast += 1
+    return cast
+
+
 def _method_model(model: nn.Module) -> nn.Module:
     """The ctx2param model inside accelerate / DDP / compile wrappers."""
     while True:
@@ -170,14 +221,36 @@ class ContextAdaptationTrainer(Trainer):
     """``transformers.Trainer`` for ctx2param methods: the loss is ``model.training_losses(batch)["loss"]``.
 
     Takes the usual ``Trainer`` arguments; ``data_collator`` defaults to ``model.collate_training_examples``
-    and ``args.remove_unused_columns`` must be False (the batch is the method's own dict). The other keys
-    returned by ``training_losses`` (``alignment``, ``additivity``, ...) are logged next to ``loss``.
+    (wrapped in :class:`~ctx2param.training.metrics.BatchStatistics`) and ``args.remove_unused_columns`` must
+    be False (the batch is the method's own dict). The other keys returned by ``training_losses``
+    (``alignment``, ``additivity``, ...) are logged next to ``loss``.
+
+    Args:
+        model: the method model.
+        args: the training arguments (:func:`default_training_arguments` gives ctx2param's defaults).
+        group_by_length: batch a :class:`TrainingExampleDataset` with
+            :class:`~ctx2param.training.sampler.LengthGroupedBatchSampler` (examples of similar length, and
+            those that share their contexts, together); ``False``: the Trainer's own random sampler.
+        megabatch: batches per sorted mega-batch of that sampler.
+        max_seconds: training-time budget of this call (the run stops and checkpoints when it is spent).
+        log_path: ``train_log.jsonl`` of the run (default: ``args.output_dir/train_log.jsonl``).
+        **kwargs: ``transformers.Trainer`` arguments.
 
     Raises:
         ValueError: a parameter of the base model requires gradients (only the method's parameters train).
     """
 
-    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        group_by_length: bool = True,
+        megabatch: int = 32,
+        max_seconds: float | None = None,
+        log_path: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
         for attr in ("training_losses", "collate_training_examples", "method_parameters", "base_lm"):
             if not hasattr(model, attr):
                 raise TypeError(
@@ -193,22 +266,57 @@ class ContextAdaptationTrainer(Trainer):
             raise ValueError("The method has no trainable parameters (all have requires_grad=False).")
         if args is not None and args.remove_unused_columns:
             args.remove_unused_columns = False
-        kwargs.setdefault("data_collator", model.collate_training_examples)
+        kwargs.setdefault("data_collator", BatchStatistics(model.collate_training_examples, model))
         super().__init__(model=model, args=args, **kwargs)
+        if self.args.bf16 and self.args.device.type == "cuda":
+            cast_frozen_base(model, torch.bfloat16)
         # training_losses returns a per-batch mean: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False
+        self.group_by_length = group_by_length
+        self.megabatch = megabatch
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_count = 0
         self._component_keys: set[str] = set()
         self._train_started: float | None = None
         self._time_before = 0.0  # training time of the run a resumed one continues
+        self.counters: dict[str, float] = {}
         guards = [cb for cb in self.callback_handler.callbacks if isinstance(cb, NonFiniteGradientGuard)]
         if not guards:
             guards = [NonFiniteGradientGuard()]
             self.add_callback(guards[0])
         self.gradient_guard: NonFiniteGradientGuard = guards[0]
+        default_log = Path(self.args.output_dir) / "train_log.jsonl"
+        self.monitor = TrainingMonitor(self.counters, log_path or default_log, max_seconds)
+        self.add_callback(self.monitor)
+
+    # ------------------------------------------------------------------------------------------- data
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Batches from :class:`~ctx2param.training.sampler.LengthGroupedBatchSampler` (for a
+        :class:`TrainingExampleDataset` with ``group_by_length``), else the Trainer's own loader."""
+        dataset = self.train_dataset
+        if not (self.group_by_length and isinstance(dataset, TrainingExampleDataset)):
+            return super().get_train_dataloader()
+        method = _method_model(self.model)
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths(getattr(method, "tokenizer", None)),
+            self._train_batch_size,
+            groups=dataset.groups(),
+            seed=self.args.seed,
+            megabatch=self.megabatch,
+        )
+        workers = self.args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=workers > 0 and self.args.dataloader_persistent_workers,
+            prefetch_factor=(self.args.dataloader_prefetch_factor or 4) if workers > 0 else None,
+        )
+        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -219,8 +327,9 @@ class ContextAdaptationTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         method = _method_model(self.accelerator.unwrap_model(model))
+        batch = {k: v for k, v in inputs.items() if k != "stats"}
         with self.accelerator.autocast(), sdpa_kernel(list(TRAINING_SDPA_BACKENDS)):
-            losses = method.training_losses(inputs)
+            losses = method.training_losses(batch)
         if "loss" not in losses:
             raise ValueError(f"{type(method).__name__}.training_losses must return a 'loss' entry.")
         loss = losses["loss"]
@@ -258,13 +367,16 @@ class ContextAdaptationTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Approximate training FLOPs of a batch (:mod:`ctx2param.training.flops`; 0 when unknown)."""
-        from .flops import batch_flops
+        """FLOPs of a batch, from the counts its collator made (``batch["stats"]``: no device work here);
+        the batch's tokens, slots and FLOPs are added to :attr:`counters`."""
+        stats = inputs.get("stats")
+        if not isinstance(stats, Mapping):
+            from .flops import batch_statistics
 
-        try:
-            return int(batch_flops(_method_model(self.model), inputs)["total"])
-        except (KeyError, TypeError, AttributeError, ValueError):
-            return 0
+            stats = batch_statistics(_method_model(self.model), inputs)
+        for key, value in stats.items():
+            self.counters[key] = self.counters.get(key, 0.0) + float(value)
+        return int(stats.get("flops", 0.0))
 
     # ------------------------------------------------------------------------------------ card data
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -354,7 +466,9 @@ class ContextAdaptationTrainer(Trainer):
 
 def default_training_arguments(output_dir: str | os.PathLike, **overrides: Any) -> TrainingArguments:
     """``TrainingArguments`` with ctx2param's defaults (overridable): lr 1e-4, batch 4, log every step, no
-    reporting integrations, a checkpoint every 500 steps (2 kept), cosine schedule, gradient clipping 1."""
+    reporting integrations, a checkpoint every 500 steps (2 kept), cosine schedule, gradient clipping 1,
+    fused AdamW (so that the non-finite-gradient guard never waits for the device), and no per-step NaN check
+    of the loss (a host sync every step; the guard catches non-finite gradients instead)."""
     defaults: dict[str, Any] = {
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-4,
@@ -368,6 +482,8 @@ def default_training_arguments(output_dir: str | os.PathLike, **overrides: Any) 
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
+        "optim": "adamw_torch_fused",
+        "logging_nan_inf_filter": False,
     }
     defaults.update(overrides)
     return TrainingArguments(output_dir=str(output_dir), **defaults)
@@ -384,6 +500,9 @@ def train_method(
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list[Any] | None = None,
     datasets: Sequence[str | Mapping[str, Any]] | None = None,
+    max_minutes: float | None = None,
+    group_by_length: bool = True,
+    megabatch: int = 32,
     **training_args: Any,
 ) -> ContextAdaptationTrainer:
     """Train a ctx2param method on examples and save its weights to ``output_dir``; returns the trainer.
@@ -393,7 +512,9 @@ def train_method(
             fine-tune a released generator); only its own parameters are trained.
         examples: :class:`TrainingExample` objects (or a ready dataset).
         output_dir: checkpoints go to ``output_dir/checkpoint-<step>``; the final weights and config to
-            ``output_dir`` itself (loadable with ``AutoModelForContextAdaptation.from_pretrained``).
+            ``output_dir`` itself (loadable with ``AutoModelForContextAdaptation.from_pretrained``), beside
+            ``train_log.jsonl`` (one line per log), ``train_metrics.json`` (this call's throughput, MFU,
+            padding and peak memory, and the earlier calls' of a resumed run) and ``loss_curves.png``.
         max_chunks: see :class:`TrainingExampleDataset`.
         chunk_seed: seed of the data's chunk counts and distractors (the Trainer's own ``seed``, of data
             order and initialisation-free randomness, is a training argument).
@@ -404,12 +525,15 @@ def train_method(
             (``{"name": "CoQA", "id": "stanfordnlp/coqa", "num_examples": 7983, "license": "..."}``).
             Recorded in ``get_card_data(model)``, which the trainer also fills with settings, losses, time
             and hardware and writes as ``card_data.json`` beside every checkpoint and the final weights.
+        max_minutes: training-time budget of this call; when it is spent the run checkpoints and stops (a
+            later call with ``resume_from_checkpoint=True`` continues exactly).
+        group_by_length, megabatch: see :class:`ContextAdaptationTrainer`.
         **training_args: any ``transformers.TrainingArguments`` field (``max_steps``, ``num_train_epochs``,
             ``learning_rate``, ``per_device_train_batch_size``, ``bf16``, ``save_steps``, ...).
 
     Example:
         >>> trainer = train_method(model, examples, "out/", max_steps=200, learning_rate=3e-4)
-        >>> trainer.state.log_history[-1]
+        >>> trainer.metrics["tokens_per_s"], trainer.state.log_history[-1]
     """
     args = default_training_arguments(output_dir, **training_args)
     get_card_data(_method_model(model)).add_datasets(datasets or ())
@@ -419,10 +543,69 @@ def train_method(
         dataset = TrainingExampleDataset(examples, max_chunks=max_chunks, seed=chunk_seed)
     eval_dataset = TrainingExampleDataset(eval_examples) if eval_examples else None
     trainer = ContextAdaptationTrainer(
-        model, args, train_dataset=dataset, eval_dataset=eval_dataset, callbacks=callbacks
+        model,
+        args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+        group_by_length=group_by_length,
+        megabatch=megabatch,
+        max_seconds=None if max_minutes is None else 60.0 * max_minutes,
     )
+    if resume_from_checkpoint is True:
+        found = latest_checkpoint(args.output_dir)
+        resume_from_checkpoint = str(found) if found is not None else None
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.metrics = trainer.monitor.summary(args.device)
+    trainer.metrics.update(
+        {
+            "global_step": int(trainer.state.global_step),
+            "resumed_from": resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None,
+            "skipped_nonfinite_steps": trainer.gradient_guard.skipped_steps,
+            "batch_size": int(args.per_device_train_batch_size),
+            "examples": len(dataset),
+            "parameters": int(_method_model(trainer.model).num_method_parameters()),
+            "hardware": hardware_info(args.device),
+            "versions": library_versions(),
+        }
+    )
     if args.should_save:
-        _method_model(trainer.model).save_pretrained(args.output_dir)
-        trainer.write_card_data(args.output_dir)
+        out = Path(args.output_dir)
+        _method_model(trainer.model).save_pretrained(out)
+        trainer.write_card_data(out)
+        write_training_metrics(out / TRAIN_METRICS_NAME, trainer.metrics)
+        method = _method_model(trainer.model)
+        title = f"{type(method).__name__.removesuffix('Model')} training losses"
+        plot_losses(trainer.monitor.log_path, out / "loss_curves.png", title)
     return trainer
+
+
+#: The metrics file :func:`train_method` writes beside the weights.
+TRAIN_METRICS_NAME = "train_metrics.json"
+
+
+def write_training_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write ``{"latest": metrics, "calls": [... every call's metrics]}`` atomically (a resumed run appends
+    its call to those of the runs it continues)."""
+    path = Path(path)
+    calls: list[Any] = []
+    if path.is_file():
+        try:
+            calls = list(json.loads(path.read_text(encoding="utf-8")).get("calls", []))
+        except (ValueError, AttributeError):
+            calls = []
+    calls.append(dict(metrics))
+    return write_text_atomically(
+        path, json.dumps({"latest": dict(metrics), "calls": calls}, indent=2, default=str) + "\n"
+    )
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step (None when there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = get_last_checkpoint(str(folder))
+    return Path(found) if found else None

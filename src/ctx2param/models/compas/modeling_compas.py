@@ -1,20 +1,25 @@
 """CompAs: context → compositional LoRA-style adapters, with a decoder that reads the context back.
 
 Generator (per context chunk, one batched pass): the frozen base model reads the chunk
-(``output_hidden_states``); for each target layer ℓ, ``m = config.rank`` learned latent queries plus a layer
-embedding cross-attend to that layer's hidden states (padding masked out) in one Perceiver-style block
-shared by all layers; heads shared across layers, one per module kind (``self_attn.q_proj``, ``mlp.up_proj``,
-...), map latent i to a rank-1 pair: ``a_i = H_a(z_i[:d/2]) / √d_in``, ``b_i = H_b(z_i[d/2:]) / √m``, and
-ΔW = scale · Σ_i b_i a_iᵀ (rank m). Reading a and b from different halves of the latent keeps ΔW from being
-a (PSD) quadratic form of the latents.
+(``output_hidden_states``); for each target layer ℓ, ``m = config.rank`` learned latents (one per rank,
+started small) plus a layer embedding cross-attend to that layer's hidden states (padding masked out) in
+Perceiver-style blocks shared by all layers; each latent's output becomes a unit-normalised code ẑ_i, and
+heads (per layer by default, see ``CompAsConfig.head_sharing``) map it to a rank-1 pair ``a_i = W_a ẑ_i``,
+``b_i = s_i · W_b ẑ_i`` with an output scale s that starts at zero: ΔW = scale · Σ_i b_i a_iᵀ (rank m) is 0
+for every passage at initialisation, and what the generator learns first is passage-specific.
 
-Training (:meth:`CompAsModel.training_losses`) on examples with chunks c_1..c_n, query q and answer y:
+Training (:meth:`CompAsModel.training_losses`) on examples with chunks c_1..c_n, query q and answer y (by
+default the teacher's own greedy response, precomputed: ``ctx2param data responses``):
 
 - alignment: KL(teacher ‖ student) on y's tokens, teacher = the frozen base with all chunks then q in its
-  prompt (no gradient), student = the base with Σ_i ΔW(c_i) and only q; plus cross-entropy of the student
-  on y;
+  prompt (no gradient), student = the base with Σ_i ΔW(c_i) and only q; optionally cross-entropy of the
+  student on y and state alignment of the deeper layers' hidden states;
 - additivity: ‖ΔW(c_i ⊕ c_j) − ΔW(c_i) − ΔW(c_j)‖² / (‖ΔW(c_i)‖² + ‖ΔW(c_j)‖²) from the factors;
 - reconstruction: the decoder (:mod:`.decoder_compas`) reproduces each chunk's tokens (teacher forced).
+
+The fast path (the default) keeps the adapters as per-kind stacked factors
+(:class:`~ctx2param.stacked.StackedAdapter`): sums, additivity and injection are a few batched ops per module
+kind; ``training_losses(batch, reference=True)`` computes the same numbers module by module.
 
 Prompts go through the tokenizer's chat template when it has one and the query is not empty; continuation
 examples (empty query) use the plain text format (context, then the continuation).
@@ -35,9 +40,10 @@ from ...alignment import ChunkAlignmentMixin, pad_token_lists
 from ...injection import apply_adapter
 from ...modeling_utils import ContextAdaptationModel
 from ...modules import LayerKindLayout, target_module_shapes
+from ...stacked import StackedAdapter
 from .configuration_compas import CompAsConfig
 from .decoder_compas import CompAsDecoder
-from .losses_compas import additivity_loss, masked_cross_entropy
+from .losses_compas import additivity_loss, masked_cross_entropy, stacked_additivity_loss
 
 __all__ = ["CompAsGenerator", "CompAsModel", "ModuleLayout", "PerceiverBlock"]
 
@@ -103,7 +109,15 @@ class PerceiverBlock(nn.Module):
 
 
 class CompAsGenerator(nn.Module):
-    """Hidden states of the target layers → per-kind rank-1 pairs for every layer.
+    """Hidden states of the target layers → per-kind rank-``m`` factors for every layer.
+
+    Per target layer ℓ, ``m`` learned latents (one per rank; small initial values) plus a layer embedding read
+    that layer's hidden states in ``config.num_blocks`` Perceiver blocks; each latent's output is projected to
+    ``head_dim`` and unit-normalised, ``ẑ``. Heads (per layer, or per kind and shared by the layers:
+    ``config.head_sharing``) map ``ẑ_i`` to a rank-1 pair: ``a_i = W_a ẑ_i``, ``b_i = s_i · W_b ẑ_i`` with a
+    learned output scale ``s`` per (kind, layer, rank) that starts at zero, so ΔW = scale · Σ_i b_i a_iᵀ = 0
+    for every passage at initialisation and whatever a passage-independent part the heads hold cannot
+    dominate the first steps.
 
     Args:
         config: the :class:`CompAsConfig`.
@@ -113,54 +127,75 @@ class CompAsGenerator(nn.Module):
 
     def __init__(self, config: CompAsConfig, layout: ModuleLayout, hidden_size: int) -> None:
         super().__init__()
-        d, m = config.latent_dim, config.rank
+        d, m, h = config.latent_dim, config.rank, config.head_dim
+        n_layers = len(layout.layers)
         self.rank = m
+        self.head_dim = h
         self.input_norm = nn.LayerNorm(hidden_size)
         self.input_proj = nn.Linear(hidden_size, d)
-        self.latents = nn.Parameter(torch.randn(m, d) * 0.5)
-        self.layer_embedding = nn.Parameter(torch.randn(len(layout.layers), d) * 0.5)
-        self.block = PerceiverBlock(
-            d, config.num_attention_heads, config.ff_mult, config.latent_self_attention
+        self.latents = nn.Parameter(torch.randn(m, d) * config.latent_init_std)
+        self.layer_embedding = nn.Parameter(torch.randn(n_layers, d) * config.latent_init_std)
+        self.blocks = nn.ModuleList(
+            PerceiverBlock(d, config.num_attention_heads, config.ff_mult, config.latent_self_attention)
+            for _ in range(config.num_blocks)
         )
         self.output_norm = nn.LayerNorm(d)
-        half = d // 2
-        self.a_heads = nn.ModuleDict()
-        self.b_heads = nn.ModuleDict()
-        for kind, (d_out, d_in) in zip(layout.kinds, layout.kind_shapes, strict=True):
-            a_head, b_head = nn.Linear(half, d_in), nn.Linear(half, d_out)
-            nn.init.normal_(a_head.weight, std=1.0 / math.sqrt(half))
-            nn.init.normal_(b_head.weight, std=config.init_b_std / math.sqrt(half))
-            nn.init.zeros_(a_head.bias)
-            nn.init.zeros_(b_head.bias)
-            self.a_heads[ModuleLayout.key(kind)] = a_head
-            self.b_heads[ModuleLayout.key(kind)] = b_head
+        self.head_proj = nn.Linear(d, h)
+        copies = n_layers if config.head_sharing == "layer" else 1
+        self.heads = nn.ParameterList()
+        for d_out, d_in in layout.kind_shapes:
+            weight = torch.cat(
+                [
+                    torch.randn(copies, h, d_in) / math.sqrt(d_in),
+                    torch.randn(copies, h, d_out) / math.sqrt(d_out),
+                ],
+                -1,
+            )  # [copies, h, d_in + d_out]: |a_i| ≈ |b_i| / s_i ≈ 1 for a unit ẑ_i
+            self.heads.append(nn.Parameter(weight))
+        self.output_scale = nn.Parameter(torch.zeros(len(layout.kinds), n_layers, m))
         self.kinds = list(layout.kinds)
         self.kind_shapes = list(layout.kind_shapes)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Factors of every (layer, kind).
+    def latent_codes(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ẑ [C, L, m, head_dim]``: the unit-normalised latent codes of every chunk and layer.
 
         Args:
             hidden: ``[C, L, T, D]``, hidden states of the ``L`` adapted layers for ``C`` chunks.
             mask: ``[C, T]`` bool, True on real tokens (padding does not contribute).
-
-        Returns:
-            Per kind (layout order): ``A [C, L, m, d_in]`` and ``B [C, L, d_out, m]``; ΔW of chunk c at layer
-            position j is ``scale · B[c, j] @ A[c, j]``.
         """
         c, n_layers, t, _ = hidden.shape
         dtype = self.input_proj.weight.dtype
         tokens = self.input_proj(self.input_norm(hidden.to(dtype))).reshape(c * n_layers, t, -1)
         latents = (self.latents[None] + self.layer_embedding[:, None]).expand(c, -1, -1, -1)
-        latents = latents.reshape(c * n_layers, self.rank, -1)
+        x = latents.reshape(c * n_layers, self.rank, -1)
         key_mask = mask.bool().repeat_interleave(n_layers, 0)
-        z = self.output_norm(self.block(latents, tokens, key_mask)).view(c, n_layers, self.rank, -1)
-        z_a, z_b = z.chunk(2, -1)
+        for block in self.blocks:
+            x = block(x, tokens, key_mask)
+        z = self.head_proj(self.output_norm(x)).view(c, n_layers, self.rank, self.head_dim)
+        return F.normalize(z.float(), dim=-1).to(z.dtype)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Factors of every (layer, kind).
+
+        Args:
+            hidden: ``[C, L, T, D]``; mask: ``[C, T]`` (see :meth:`latent_codes`).
+
+        Returns:
+            Per kind (layout order): ``A [C, L, m, d_in]`` and ``B [C, L, d_out, m]``; ΔW of chunk c at layer
+            position j is ``scale · B[c, j] @ A[c, j]``.
+        """
+        z = self.latent_codes(hidden, mask)
+        c, n_layers, m, h = z.shape
+        by_layer = z.permute(1, 0, 2, 3).reshape(n_layers, c * m, h)  # [L, C·m, h]
         out = []
-        for kind, (_, d_in) in zip(self.kinds, self.kind_shapes, strict=True):
-            key = ModuleLayout.key(kind)
-            A = self.a_heads[key](z_a) / math.sqrt(d_in)  # [C, L, m, d_in]
-            B = (self.b_heads[key](z_b) / math.sqrt(self.rank)).transpose(-1, -2)  # [C, L, d_out, m]
+        for kind, (_, d_in) in enumerate(self.kind_shapes):
+            weight = self.heads[kind]
+            rows = by_layer @ weight if weight.shape[0] == n_layers else by_layer @ weight[0]  # [L, C·m, e]
+            rows = rows.view(n_layers, c, m, -1).permute(1, 0, 2, 3)  # [C, L, m, d_in + d_out]
+            A = rows[..., :d_in]
+            B = (rows[..., d_in:] * self.output_scale[kind][None, :, :, None].to(rows.dtype)).transpose(
+                -1, -2
+            )
             out.append((A, B))
         return out
 
@@ -263,12 +298,6 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
         hidden = self._hidden_states(input_ids, attention_mask)
         return self.generator(hidden, attention_mask.bool())
 
-    def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
-        """A batched adapter ``[C, ...]``, one per chunk (right-padded ids ``[C, T]``); ``generate_adapter``
-        (from :class:`~ctx2param.alignment.ChunkAlignmentMixin`) sums the pieces' adapters of a long context
-        (rank = pieces × m)."""
-        return self.factors_to_adapter(self.generate_factors(input_ids, attention_mask))
-
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode_context(self, adapter: ContextAdapter, max_new_tokens: int | None = None) -> str | list[str]:
@@ -330,32 +359,25 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
         return texts[0] if adapter.batch_size is None else texts
 
     # ------------------------------------------------------------------------------------------ training
-    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """``TrainingExample``s → one batch of tensors for :meth:`training_losses`.
+    def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, Any]:
+        """``TrainingExample``s → one batch for :meth:`training_losses`.
 
-        A context longer than ``config.chunk_tokens`` tokens is split as :meth:`generate_adapter` splits it
-        (each piece one chunk, whose adapters the student sums); an example keeps at most
-        ``config.max_train_chunks`` chunks, and fewer when the teacher's prompt would not fit the base
-        model's window (the teacher reads exactly the kept ones). Only the parts the nonzero loss weights need
-        are built.
-
-        Returns:
-            ``chunk_input_ids``/``chunk_attention_mask`` ``[C, Tc]`` (generator input, right padded),
-            ``chunk_example``/``chunk_slot`` ``[C]`` (owning example, position in it); for alignment/CE
-            ``teacher_*`` and ``student_*`` (``input_ids``, ``attention_mask``, ``position_ids``; rows laid
-            out ``[left pad][prompt][answer][right pad]``) and ``answer_ids``/``answer_mask`` ``[N, La]``;
-            for additivity ``pair_input_ids``/``pair_attention_mask`` ``[P, Tp]`` (chunk i ⊕ chunk j) and
-            ``pair_left``/``pair_right`` ``[P]``; for reconstruction ``recon_ids``/``recon_mask`` ``[R, Lr]``
-            and ``recon_chunks`` ``[R]``.
+        The chunks, teacher and student rows of
+        :meth:`~ctx2param.alignment.ChunkAlignmentMixin.collate_training_examples` (only when the alignment,
+        CE or state weights are nonzero), plus: for the additivity term ``pair_input_ids``/
+        ``pair_attention_mask`` ``[P, Tp]`` (chunk i ⊕ chunk j) and ``pair_left``/``pair_right`` ``[P]`` (rows
+        of the chunks; computed without gradient, for the log, when its weight is zero); for reconstruction
+        ``recon_ids``/``recon_mask`` ``[R, Lr]`` and ``recon_chunks`` ``[R]``; ``specificity_rows`` (up to 16
+        rows of distinct chunk texts, for the passage-specificity diagnostic).
         """
         cfg = self.config
         batch, chunk_texts = self._collate_chunks(
-            examples, with_answers=cfg.alignment_weight > 0 or cfg.ce_weight > 0
+            examples,
+            with_answers=cfg.alignment_weight > 0 or cfg.ce_weight > 0 or cfg.state_weight > 0,
         )
         pad = self.pad_token_id
-        chunk_example = batch["chunk_example"].tolist()
-        if cfg.additivity_weight > 0 and len(chunk_texts) >= 2:
-            pairs = self._additivity_pairs(chunk_example)
+        if len(chunk_texts) >= 2 and cfg.additivity_pairs > 0:
+            pairs = self._additivity_pairs(batch["chunk_example"].tolist(), batch["chunk_slot"].tolist())
             sep = cfg.context_separator
             window = self.max_positions or 10**9
             joint = [self._encode_chunk(chunk_texts[i] + sep + chunk_texts[j])[:window] for i, j in pairs]
@@ -374,29 +396,27 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
                     targets.append([*content, eos])
             batch["recon_ids"], batch["recon_mask"] = pad_token_lists(targets, pad)
             batch["recon_chunks"] = torch.tensor(chosen)
+        distinct = list({text: i for i, text in reversed(list(enumerate(chunk_texts)))}.values())
+        batch["specificity_rows"] = torch.tensor(sorted(distinct)[:16])
         return batch
 
-    def _additivity_pairs(self, chunk_example: Sequence[int]) -> list[tuple[int, int]]:
-        """Chunk pairs for the additivity term: neighbours within an example first, then across examples."""
+    def _additivity_pairs(
+        self, chunk_group: Sequence[int], chunk_slot: Sequence[int]
+    ) -> list[tuple[int, int]]:
+        """Row pairs for the additivity term: two chunks of one context set first (slots 0 and 1, in group
+        order), then chunks of different sets; at most ``config.additivity_pairs``."""
         limit = self.config.additivity_pairs
-        pairs = [
-            (i, i + 1) for i in range(len(chunk_example) - 1) if chunk_example[i] == chunk_example[i + 1]
-        ]
-        pairs += [
-            (i, i + 1) for i in range(len(chunk_example) - 1) if chunk_example[i] != chunk_example[i + 1]
-        ]
-        return pairs[:limit]
+        rows = {(g, s): i for i, (g, s) in enumerate(zip(chunk_group, chunk_slot, strict=True))}
+        within = [(rows[(g, 0)], rows[(g, 1)]) for g in sorted(set(chunk_group)) if (g, 1) in rows]
+        firsts = [rows[(g, 0)] for g in sorted(set(chunk_group))]
+        across = list(zip(firsts[0::2], firsts[1::2], strict=False))
+        return (within + across)[:limit]
 
     _answer_logits = ChunkAlignmentMixin.answer_logits  # the name the tests and older callers use
 
-    def _select(
-        self, factors: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(A[index], B[index]) for A, B in factors]
-
     def reconstruction_logits(
         self,
-        factors: list[tuple[torch.Tensor, torch.Tensor]],
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
         target_ids: torch.Tensor,
         target_mask: torch.Tensor,
     ) -> torch.Tensor:
@@ -419,7 +439,7 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
             )
         return out.logits[:, :-1]
 
-    def features_from_factors(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def features_from_factors(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Decoder features ``[N, L, K·q·p]`` straight from per-kind factors (same as ``decoder.features`` of
         :meth:`factors_to_adapter`; modules that are not targets contribute zeros)."""
         per_kind = []
@@ -429,39 +449,65 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
             per_kind.append((phi * present).flatten(-2))
         return torch.cat(per_kind, -1)
 
-    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def passage_specificity(self, chunks: StackedAdapter) -> torch.Tensor:
+        """Mean pairwise cosine of ΔW over the (distinct) adapters of ``chunks`` (0-d float32; 1 = the same
+        update for every passage, ~0 = unrelated updates; a pair with a zero ΔW counts 0, so an untrained
+        generator, whose every ΔW is zero, gives 0; NaN for fewer than two adapters)."""
+        n = chunks.batch_size
+        if n < 2:
+            return torch.tensor(float("nan"), device=chunks.device)
+        i, j = torch.triu_indices(n, n, 1, device=chunks.device)
+        norms = chunks.sq_norm().sqrt()
+        cos = chunks.select(i).dot(chunks.select(j)) / (norms[i] * norms[j]).clamp_min(1e-30)
+        return cos.mean()
+
+    def training_losses(self, batch: dict[str, Any], reference: bool = False) -> dict[str, torch.Tensor]:
         """The CompAs losses of a batch from :meth:`collate_training_examples`.
+
+        ``reference=True`` computes the same numbers module by module (``ContextAdapter`` objects,
+        :func:`~ctx2param.injection.apply_adapter` and the adapter algebra), for tests of the fast path.
 
         Returns:
             ``loss`` (the weighted total) and the unweighted terms whose weight is nonzero: ``alignment``
-            (KL teacher ‖ student on answer tokens), ``ce`` (student cross-entropy on the answer),
-            ``additivity`` (relative, see :func:`~.losses_compas.additivity_loss`), ``reconstruction``
-            (decoder cross-entropy on chunk tokens).
+            (KL teacher ‖ student on the answer tokens), ``ce`` (student cross-entropy on the answer),
+            ``state`` (state alignment), ``additivity`` (relative, see
+            :func:`~.losses_compas.additivity_loss`; also logged, without gradient, when its weight is
+            zero), ``reconstruction`` (decoder cross-entropy on chunk tokens); and the diagnostic
+            ``specificity`` (mean pairwise cosine of ΔW over the batch's distinct passages, no gradient).
         """
         cfg = self.config
-        device = self.base_device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        factors = self.generate_factors(batch["chunk_input_ids"], batch["chunk_attention_mask"])
+        batch = self._batch_to_device(batch)
+        chunks = self.batch_chunk_factors(batch, reference)
         losses: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=self.base_device)
         if "answer_ids" in batch:
-            total, losses = self.alignment_losses(batch, self.factors_to_adapter(factors))
+            total, losses = self.alignment_losses(batch, chunks, reference)
         if "pair_input_ids" in batch:
-            joint = self.factors_to_adapter(
-                self.generate_factors(batch["pair_input_ids"], batch["pair_attention_mask"])
-            )
-            first = self.factors_to_adapter(self._select(factors, batch["pair_left"]))
-            second = self.factors_to_adapter(self._select(factors, batch["pair_right"]))
-            losses["additivity"] = additivity_loss(joint, first, second)
-            total = total + cfg.additivity_weight * losses["additivity"]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.additivity_weight > 0):
+                joint = self.chunk_factors(batch["pair_input_ids"], batch["pair_attention_mask"])
+                first, second = chunks.select(batch["pair_left"]), chunks.select(batch["pair_right"])
+                if reference:
+                    value = additivity_loss(joint.to_adapter(), first.to_adapter(), second.to_adapter())
+                else:
+                    value = stacked_additivity_loss(joint, first, second)
+            losses["additivity"] = value
+            if cfg.additivity_weight > 0:
+                total = total + cfg.additivity_weight * value
         if "recon_ids" in batch:
-            chosen = self._select(factors, batch["recon_chunks"])
+            chosen = chunks.select(batch["recon_chunks"]).factors
             logits = self.reconstruction_logits(chosen, batch["recon_ids"], batch["recon_mask"])
             losses["reconstruction"] = masked_cross_entropy(logits, batch["recon_ids"], batch["recon_mask"])
             total = total + cfg.reconstruction_weight * losses["reconstruction"]
-        if not losses:
+        if not any(k in losses for k in ("alignment", "ce", "state", "reconstruction")) and not (
+            cfg.additivity_weight > 0 and "additivity" in losses
+        ):
             raise ValueError(
                 "Every CompAs loss weight is zero (or the batch has nothing to compute them on): nothing "
                 "to train."
+            )
+        if "specificity_rows" in batch:
+            losses["specificity"] = self.passage_specificity(
+                chunks.select(batch["specificity_rows"]).detach()
             )
         return {"loss": total, **losses}

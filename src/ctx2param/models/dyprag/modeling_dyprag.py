@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapter import ContextAdapter
 from ...alignment import ChunkAlignmentMixin
 from ...modeling_utils import ContextAdaptationModel
 from ...modules import LayerKindLayout
@@ -135,6 +134,7 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
             )
         hidden_size = int(base_model.get_input_embeddings().embedding_dim)
         self.translator = DyPRAGTranslator(config, self.layout, hidden_size)
+        self.register_buffer("_presence", self.layout.presence(), persistent=False)
         self.post_init()
 
     def parameter_breakdown(self) -> dict[str, int]:
@@ -165,7 +165,3 @@ class DyPRAGModel(ChunkAlignmentMixin, ContextAdaptationModel):
         """Per-kind factors ``A [C, L, r, d_in]``, ``B [C, L, d_out, r]`` for a batch of chunks
         (differentiable in the translator's parameters)."""
         return self.translator(self.pooled_context(input_ids, attention_mask))
-
-    def chunk_adapters(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ContextAdapter:
-        """A batched adapter ``[C, ...]``, one per chunk (right-padded ids ``[C, T]``)."""
-        return self.factors_to_adapter(self.generate_factors(input_ids, attention_mask))
