@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAIN_METHODS", "load_training_examples", "register", "run", "training_methods"]
+__all__ = ["TRAIN_METHODS", "load_training_examples", "register", "run", "sources_file", "training_methods"]
 
 #: Command-line method name -> model_type of the registered method.
 TRAIN_METHODS: dict[str, str] = {
@@ -137,7 +137,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE", help="any config field"
     )
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPUs with bf16 support)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast, frozen base in bf16 (GPUs with bf16 support)"
+    )
+    parser.add_argument(
+        "--minutes", type=float, help="training-time budget of this call: checkpoint and stop when spent"
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="cosine",
+        help="learning-rate schedule (transformers' lr_scheduler_type: cosine, linear, constant_with_warmup, "
+        "warmup_stable_decay, ...; default cosine)",
+    )
+    parser.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        help="with --scheduler cosine: decay to this fraction of --lr instead of zero (cosine_with_min_lr)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    parser.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="random batches instead of batches of similar length (more padding)",
+    )
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
     parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
@@ -167,6 +190,26 @@ def _cap(examples: list[Any], limit: int | None, seed: int, label: str) -> list[
     order = list(range(len(examples)))
     seeded_rng("ctx2param/train-cap", seed, label).shuffle(order)
     return [examples[i] for i in sorted(order[:limit])]
+
+
+def sources_file(data_file: str | Path) -> Path:
+    """Where a training file records what it was made of, for the model card: ``FILE.sources.json`` (a list
+    of ``CardData.add_dataset`` entries: name, id, licence, num_examples, description)."""
+    return Path(f"{data_file}.sources.json")
+
+
+def _recorded_sources(source: str) -> list[dict[str, Any]] | None:
+    """The entries of ``source``'s sources file (None when it has none)."""
+    path = sources_file(source)
+    if not Path(source).is_file() or not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") for e in entries):
+        raise ValueError(f"{path} must hold a list of data-set entries, each with a 'name'.")
+    return entries
 
 
 def load_training_examples(
@@ -238,7 +281,14 @@ def load_training_examples(
         used = _cap(found, max_examples, seed, source)
         examples += used
         if datasets is not None:
+            recorded = _recorded_sources(source)
+            if recorded and len(used) == len(found) == sum(int(e.get("num_examples") or 0) for e in recorded):
+                datasets += recorded
+                continue
             entry = dict(SOURCE_CARDS.get(source) or {"name": Path(source).name, "description": "JSONL file"})
+            if recorded:
+                names = ", ".join(str(e.get("name")) for e in recorded)
+                entry["description"] = f"{len(used)} examples of a mix of {names}"
             datasets.append({**entry, "num_examples": len(used)})
     return examples
 
@@ -248,6 +298,18 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}.")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}.")
+    schedule: dict[str, Any] = {"lr_scheduler_type": args.scheduler}
+    if args.min_lr_ratio is not None:
+        if not 0 <= args.min_lr_ratio < 1 or args.scheduler != "cosine":
+            raise ValueError("--min-lr-ratio takes a number in [0, 1) and goes with --scheduler cosine.")
+        schedule = {
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": args.min_lr_ratio},
+        }
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}.")
     if args.epochs is not None and args.epochs <= 0:
@@ -280,7 +342,23 @@ def run(args: argparse.Namespace) -> int:
 
     config_class, model_class = methods[args.method]
     torch.manual_seed(args.seed)
-    if args.init_from:
+    from ..training.trainer import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out) if args.resume else None
+    if checkpoint is not None:  # continue the run: its checkpoint's config (and weights) decide
+        model = AutoModelForContextAdaptation.from_pretrained(checkpoint, base_model=args.base)
+        if not isinstance(model, model_class):
+            raise ValueError(
+                f"--resume: {checkpoint} holds a {type(model).__name__}, not a {args.method} run."
+            )
+        fresh = config_class(**settings).to_dict() if settings else {}
+        differ = sorted(k for k in settings if fresh.get(k) != model.config.to_dict().get(k))
+        if differ:
+            raise ValueError(
+                f"--resume continues {checkpoint} with its own config, but --set changes {differ}; drop "
+                "them, or train a fresh run into another --out."
+            )
+    elif args.init_from:
         if settings:
             raise ValueError(
                 f"--init-from keeps the generator's own config; drop {sorted(settings)} (or train a fresh "
@@ -335,10 +413,24 @@ def run(args: argparse.Namespace) -> int:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         seed=args.seed,
+        max_minutes=args.minutes,
+        **schedule,
+        dataloader_num_workers=args.workers,
+        group_by_length=args.group_by_length,
         **length,
     )
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     parts = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k not in ("epoch",))
     print(f"done: {trainer.state.global_step} steps; last log: {parts or '(none)'}; weights in {out}")
+    metrics = getattr(trainer, "metrics", {})
+    if metrics.get("tokens_per_s"):
+        mfu = metrics.get("mfu")
+        padding = metrics.get("padding_fraction")
+        print(
+            f"throughput: {metrics['tokens_per_s']:,.0f} tokens/s"
+            + (f", MFU {100 * mfu:.1f} %" if mfu else "")
+            + (f", padding {100 * padding:.1f} % of token slots" if padding is not None else "")
+            + f" ({out / 'train_metrics.json'})"
+        )
     return 0
