@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .adapter import ContextAdapter, LoraFactors
 from .adapter import stack as stack_adapters
@@ -660,7 +661,8 @@ class ChunkAlignmentMixin:
         Returns ``loss`` and the unweighted terms whose weight is nonzero (``alignment``, ``ce``, ``state``).
         """
         batch = self._batch_to_device(batch)
-        chunks = self.batch_chunk_factors(batch, reference)
+        with record_function("ctx2param.generator"):
+            chunks = self.batch_chunk_factors(batch, reference)
         total, losses = self.alignment_losses(batch, chunks, reference)
         return {"loss": total, **losses}
 
@@ -705,11 +707,11 @@ class ChunkAlignmentMixin:
         total = torch.zeros((), device=batch["answer_ids"].device)
         teacher = teacher_states = None
         if cfg.alignment_weight > 0 or layers:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("ctx2param.teacher"):
                 teacher = self.answer_logits(batch, "teacher", answer_len, layers)
             if layers:
                 teacher, teacher_states = teacher
-        with self._student_adapter(batch, chunks, reference):
+        with record_function("ctx2param.student"), self._student_adapter(batch, chunks, reference):
             student = self.answer_logits(batch, "student", answer_len, layers)
         if layers:
             student, student_states = student

@@ -166,6 +166,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and chunks")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--eval-data",
+        nargs="+",
+        metavar="SRC",
+        help="held-out examples (sources as for --data): every loss term on them after training, in "
+        "train_metrics.json (the held-out KL)",
+    )
+    parser.add_argument("--eval-examples", type=int, default=512, help="use at most N held-out examples")
     parser.set_defaults(func=run)
 
 
@@ -389,6 +397,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         datasets=datasets,
     )
+    heldout = None
+    if args.eval_data:
+        heldout = load_training_examples(
+            args.eval_data, model.tokenizer, max_chunks=args.max_chunks, max_examples=args.eval_examples,
+            seed=args.seed,
+        )  # fmt: skip
     print(
         f"training {args.method} ({model.num_method_parameters():,} parameters; base frozen) on "
         f"{len(examples):,} examples from {', '.join(args.data)}"
@@ -414,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         max_minutes=args.minutes,
+        eval_examples=heldout,
         **schedule,
         dataloader_num_workers=args.workers,
         group_by_length=args.group_by_length,
@@ -424,6 +439,11 @@ def run(args: argparse.Namespace) -> int:
     parts = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k not in ("epoch",))
     print(f"done: {trainer.state.global_step} steps; last log: {parts or '(none)'}; weights in {out}")
     metrics = getattr(trainer, "metrics", {})
+    if metrics.get("heldout"):
+        terms = ", ".join(
+            f"{k} {v:.4g}" for k, v in metrics["heldout"].items() if k not in ("batches", "examples")
+        )
+        print(f"held-out ({metrics['heldout']['examples']} examples): {terms}")
     if metrics.get("tokens_per_s"):
         mfu = metrics.get("mfu")
         padding = metrics.get("padding_fraction")

@@ -278,7 +278,11 @@ def batch_statistics(model: Any, inputs: dict[str, Any] | None) -> dict[str, flo
         "context_tokens": float(parts.get("context_tokens", 0.0)),
         "real": real,
         "slots": slots,
-        "examples": float(next((len(v) for k, v in inputs.items() if k.endswith("input_ids")), 0)),
+        "examples": float(
+            next(
+                (len(inputs[k]) for k in ("answer_ids", "student_ids", "student_input_ids") if k in inputs), 0
+            )
+        ),
     }
     for key, value in parts.items():
         if key not in ("total", "tokens", "context_tokens"):

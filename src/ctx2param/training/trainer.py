@@ -355,6 +355,27 @@ class ContextAdaptationTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    @torch.no_grad()
+    def heldout_losses(self, dataset: torch.utils.data.Dataset | None = None) -> dict[str, float]:
+        """Every loss term (``alignment`` = the held-out KL, ``state``, ``additivity``, ``specificity``, ...)
+        averaged over the evaluation set's batches, with the model in eval mode (no gradient)."""
+        loader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        try:
+            for inputs in loader:
+                _, losses = self.compute_loss(model, self._prepare_inputs(inputs), return_outputs=True)
+                for key, value in losses.items():
+                    if isinstance(value, torch.Tensor):
+                        sums[key] = sums.get(key, 0) + value.detach().float()
+                batches += 1
+        finally:
+            model.train(was_training)
+        return {key: float(total) / max(1, batches) for key, total in sums.items()} | {"batches": batches}
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the mean of every loss component since the last training log to the ``loss`` entries."""
         if "loss" in logs and self._component_count:
@@ -518,7 +539,8 @@ def train_method(
         max_chunks: see :class:`TrainingExampleDataset`.
         chunk_seed: seed of the data's chunk counts and distractors (the Trainer's own ``seed``, of data
             order and initialisation-free randomness, is a training argument).
-        eval_examples: optional evaluation examples (their loss is reported when evaluation runs).
+        eval_examples: optional held-out examples: after training, every loss term on them (the held-out KL
+            among them) goes into ``trainer.metrics["heldout"]`` and ``train_metrics.json``.
         resume_from_checkpoint: a checkpoint folder, or True for the latest one in ``output_dir``.
         callbacks: Trainer callbacks.
         datasets: training data for the model card: names, or ``CardData.add_dataset`` arguments
@@ -535,6 +557,9 @@ def train_method(
         >>> trainer = train_method(model, examples, "out/", max_steps=200, learning_rate=3e-4)
         >>> trainer.metrics["tokens_per_s"], trainer.state.log_history[-1]
     """
+    training_args.setdefault(
+        "per_device_eval_batch_size", training_args.get("per_device_train_batch_size", 4)
+    )
     args = default_training_arguments(output_dir, **training_args)
     get_card_data(_method_model(model)).add_datasets(datasets or ())
     if isinstance(examples, torch.utils.data.Dataset):
@@ -569,6 +594,9 @@ def train_method(
             "versions": library_versions(),
         }
     )
+    if eval_dataset is not None:
+        trainer.metrics["heldout"] = trainer.heldout_losses(eval_dataset)
+        trainer.metrics["heldout"]["examples"] = len(eval_dataset)
     if args.should_save:
         out = Path(args.output_dir)
         _method_model(trainer.model).save_pretrained(out)

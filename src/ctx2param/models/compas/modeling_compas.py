@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ...adapter import ContextAdapter
 from ...alignment import ChunkAlignmentMixin, pad_token_lists
@@ -478,13 +479,17 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
         """
         cfg = self.config
         batch = self._batch_to_device(batch)
-        chunks = self.batch_chunk_factors(batch, reference)
+        with record_function("ctx2param.generator"):
+            chunks = self.batch_chunk_factors(batch, reference)
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.base_device)
         if "answer_ids" in batch:
             total, losses = self.alignment_losses(batch, chunks, reference)
         if "pair_input_ids" in batch:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.additivity_weight > 0):
+            with (
+                torch.set_grad_enabled(torch.is_grad_enabled() and cfg.additivity_weight > 0),
+                record_function("ctx2param.additivity"),
+            ):
                 joint = self.chunk_factors(batch["pair_input_ids"], batch["pair_attention_mask"])
                 first, second = chunks.select(batch["pair_left"]), chunks.select(batch["pair_right"])
                 if reference:
@@ -496,7 +501,8 @@ class CompAsModel(ChunkAlignmentMixin, ContextAdaptationModel):
                 total = total + cfg.additivity_weight * value
         if "recon_ids" in batch:
             chosen = chunks.select(batch["recon_chunks"]).factors
-            logits = self.reconstruction_logits(chosen, batch["recon_ids"], batch["recon_mask"])
+            with record_function("ctx2param.decoder"):
+                logits = self.reconstruction_logits(chosen, batch["recon_ids"], batch["recon_mask"])
             losses["reconstruction"] = masked_cross_entropy(logits, batch["recon_ids"], batch["recon_mask"])
             total = total + cfg.reconstruction_weight * losses["reconstruction"]
         if not any(k in losses for k in ("alignment", "ce", "state", "reconstruction")) and not (
