@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=8.0, help="training-time budget of this call")
     p.add_argument("--steps", type=int, default=4000, help="planned optimizer steps (the schedule's length)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--eval-data", nargs="+", help="held-out JSONL: every loss term on it after training")
+    p.add_argument(
+        "--no-group-by-length", dest="group_by_length", action="store_false", help="random batches (ablation)"
+    )
     p.add_argument("--batch-size", type=int, default=TRAINING["batch_size"])
     p.add_argument("--lr", type=float, default=TRAINING["lr"])
     p.add_argument("--warmup-steps", type=int, default=TRAINING["warmup_steps"])
@@ -108,6 +112,10 @@ def command(args: argparse.Namespace) -> list[str]:
     argv += ["--save-steps", str(10**9)]  # checkpoints when the budget is spent (and at the end)
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         argv.append("--bf16")
+    if args.eval_data:
+        argv += ["--eval-data", *args.eval_data]
+    if not args.group_by_length:
+        argv.append("--no-group-by-length")
     if args.resume:
         argv.append("--resume")  # continues the checkpoint, whose config must equal these settings
     for key, value in settings.items():

