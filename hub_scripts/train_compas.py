@@ -108,7 +108,8 @@ def command(args: argparse.Namespace) -> list[str]:
     argv += ["--steps", str(args.steps), "--minutes", str(args.minutes), "--batch-size", str(args.batch_size)]
     argv += ["--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--scheduler", "cosine"]
     argv += ["--min-lr-ratio", str(TRAINING["min_lr_ratio"]), "--logging-steps", str(args.logging_steps)]
-    argv += ["--workers", str(args.workers), "--seed", str(args.seed), "--max-chunks", "8"]
+    # the responses' examples carry their context sets (the teacher answered those): no distractors added
+    argv += ["--workers", str(args.workers), "--seed", str(args.seed), "--max-chunks", "1"]
     argv += ["--save-steps", str(10**9)]  # checkpoints when the budget is spent (and at the end)
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         argv.append("--bf16")

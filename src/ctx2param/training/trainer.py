@@ -313,7 +313,7 @@ class ContextAdaptationTrainer(Trainer):
             collate_fn=self.data_collator,
             num_workers=workers,
             pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=workers > 0 and self.args.dataloader_persistent_workers,
+            persistent_workers=workers > 0,  # no new worker processes (and tokenizer copies) every epoch
             prefetch_factor=(self.args.dataloader_prefetch_factor or 4) if workers > 0 else None,
         )
         return self.accelerator.prepare(loader)
@@ -507,6 +507,9 @@ def default_training_arguments(output_dir: str | os.PathLike, **overrides: Any) 
         "logging_nan_inf_filter": False,
     }
     defaults.update(overrides)
+    if defaults.get("dataloader_pin_memory") and "accelerator_config" not in defaults:
+        # pinned batches copied without blocking: a blocking copy would wait for the step before it
+        defaults["accelerator_config"] = {"non_blocking": True}
     return TrainingArguments(output_dir=str(output_dir), **defaults)
 
 
