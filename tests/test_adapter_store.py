@@ -34,6 +34,7 @@ from ctx2param import (
     CompAsConfig,
     CompAsModel,
     ContextAdapter,
+    LoraFactors,
     apply_adapter,
     compose,
     testing_utils,
@@ -176,6 +177,50 @@ def test_sum_is_compose_exactly_and_reads_only_its_records(generators, tmp_path:
     assert sorted(opened) == sorted([shard_of["doc-4"], shard_of["doc-5"]])
     with pytest.raises(StoreFileError, match=shard_of["doc-0"]):
         store.sum(["doc-4", "doc-0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_is_compose_exactly_for_any_scales_and_ranks(
+    tmp_path: Path, dtype: torch.dtype, monkeypatch
+) -> None:
+    """Adapters written with the Python API: ranks differ by module and record, and scales by record (then
+    compose folds them into B, and sum() does what compose does)."""
+    from ctx2param.store_writer import consolidate_store, create_store
+
+    shapes = {"layers.0.q_proj": (6, 4), "layers.0.mlp.down_proj": (4, 10), "layers.1.q_proj": (6, 4)}
+    create_store(tmp_path, base_model="tiny/base", base_revision="r1", modules=shapes)
+    adapters = {}
+    with StoreWriter(tmp_path, max_shard_bytes=400) as writer:
+        for i in range(6):
+            a = ContextAdapter.random(
+                shapes, rank=1 + i % 3, seed=i, std=1.0, base_model="tiny/base", dtype=dtype
+            )
+            r = 4 - i % 2  # this module's rank differs from the others'
+            other = LoraFactors(torch.randn(r, 4).to(dtype), torch.randn(6, r).to(dtype))
+            a = ContextAdapter({**dict(a.items()), "layers.1.q_proj": other}, "tiny/base")
+            if i == 4:
+                a = 0.5 * a  # another scale
+            adapters[f"r{i}"] = ContextAdapter(dict(a.items()), "tiny/base", "r1", {"i": i})
+            writer.add(f"r{i}", adapters[f"r{i}"], content_hash(str(i)))
+    consolidate_store(tmp_path)
+    store = AdapterStore(tmp_path)
+    assert len({store.record_info(i)["shard"] for i in store.ids()}) > 1
+    for record_id, adapter in adapters.items():
+        assert_same_adapter(store[record_id], adapter)
+    direct: list[bool] = []
+    real_direct = AdapterStore._sum_direct
+
+    def spy(self: AdapterStore, keys: list[str]) -> Any:
+        result = real_direct(self, keys)
+        direct.append(result is not None)
+        return result
+
+    monkeypatch.setattr(AdapterStore, "_sum_direct", spy)
+    for ids in (["r0", "r1", "r2", "r0"], ["r3", "r5"], ["r1", "r4", "r2"], ["r4"]):
+        total = store.sum(ids)
+        assert_same_adapter(total, compose([adapters[i] for i in ids]))
+        assert total.dtype == dtype
+    assert direct == [True, True, False, True]  # built in place unless compose folds differing scales
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -241,40 +241,63 @@ def _shard_error(shard: Path, record_id: str, problem: str) -> StoreFileError:
     )
 
 
-def _read_record(
-    handle: Any, shard: Path, entry: dict[str, Any], modules: Mapping[str, Sequence[int]]
-) -> dict[str, LoraFactors]:
-    """The factors of one record from an open shard, its SHA-256 checked (CPU tensors)."""
-    count, record_id = len(modules), entry["id"]
+def entry_layout(entry: Mapping[str, Any], count: int) -> tuple[list[int], list[int], list[float]]:
+    """``(offsets, ranks, scales)`` of an index entry, one per module (of ``count``)."""
     try:
-        offsets = per_module(entry["offset"], count, "offset")
-        ranks = per_module(entry["rank"], count, "rank")
-        scales = per_module(entry["scale"], count, "scale")
-    except ValueError as err:
-        raise StoreFileError(f"The index entry of record {record_id!r} is corrupted: {err}.") from err
+        return (
+            [int(v) for v in per_module(entry["offset"], count, "offset")],
+            [int(v) for v in per_module(entry["rank"], count, "rank")],
+            [float(v) for v in per_module(entry["scale"], count, "scale")],
+        )
+    except (TypeError, ValueError) as err:
+        raise StoreFileError(f"The index entry of record {entry['id']!r} is corrupted: {err}.") from err
+
+
+def _read_record(
+    handle: Any,
+    shard: Path,
+    entry: dict[str, Any],
+    modules: Mapping[str, Sequence[int]],
+    into: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One record's factors ``[(A [r, d_in], Bt [r, d_out])]`` per module from an open shard, with its
+    SHA-256 checked; copied into ``into`` (contiguous CPU tensors of those shapes and the shard's dtype) when
+    given, else into new tensors."""
+    record_id = entry["id"]
+    offsets, ranks, _ = entry_layout(entry, len(modules))
     digest = hashlib.sha256()
-    factors = {}
-    for (name, (d_out, d_in)), offset, rank, scale in zip(
-        modules.items(), offsets, ranks, scales, strict=True
+    out = []
+    for m, ((name, (d_out, d_in)), offset, rank) in enumerate(
+        zip(modules.items(), offsets, ranks, strict=True)
     ):
         try:
-            # copies: the slices may share memory with the mapped file, which a writer could later replace
-            A = handle.get_slice(f"{name}.A")[offset : offset + rank].clone()
-            Bt = handle.get_slice(f"{name}.Bt")[offset : offset + rank].clone()
+            # the slices may share memory with the mapped file (which a writer could replace): copy them
+            A_src = handle.get_slice(f"{name}.A")[offset : offset + rank]
+            Bt_src = handle.get_slice(f"{name}.Bt")[offset : offset + rank]
         except (SafetensorError, OSError, ValueError) as err:
             raise _shard_error(
                 shard, record_id, f"cannot be read ({err}): it is corrupted or truncated"
             ) from err
-        if tuple(A.shape) != (rank, d_in) or tuple(Bt.shape) != (rank, d_out):
+        if tuple(A_src.shape) != (rank, d_in) or tuple(Bt_src.shape) != (rank, d_out):
             raise _shard_error(shard, record_id, f"holds factors of the wrong shape for {name!r}")
+        if into is None:
+            A, Bt = A_src.clone(), Bt_src.clone()
+        else:
+            A, Bt = into[m]
+            if A.dtype != A_src.dtype or Bt.dtype != Bt_src.dtype:
+                raise _shard_error(
+                    shard, record_id, f"holds {A_src.dtype} factors, not its indexed {A.dtype}"
+                )
+            A.copy_(A_src)
+            Bt.copy_(Bt_src)
         tensor_digest(digest, A)
         tensor_digest(digest, Bt)
-        factors[name] = LoraFactors(A, Bt.mT.contiguous(), float(scale))
+        out.append((A, Bt))
     if digest.hexdigest() != entry["sha256"]:
         raise _shard_error(
             shard, record_id, "does not match the SHA-256 recorded for the record: it is corrupted"
         )
-    return factors
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- store
@@ -386,6 +409,10 @@ class AdapterStore(Mapping[str, ContextAdapter]):
             raise ValueError("AdapterStore.sum() needs at least one record id.")
         if weights is not None and len(weights) != len(keys):
             raise ValueError(f"AdapterStore.sum() got {len(keys)} ids but {len(weights)} weights.")
+        if weights is None:
+            direct = self._sum_direct(keys)
+            if direct is not None:
+                return direct
         loaded = self._load(list(dict.fromkeys(keys)))
         return compose([loaded[k] for k in keys], weights)
 
@@ -476,35 +503,87 @@ class AdapterStore(Mapping[str, ContextAdapter]):
     def _shard_path(self, name: str) -> Path:
         return self.directory / SHARDS_DIR / name
 
-    def _load(self, keys: list[str]) -> dict[str, ContextAdapter]:
-        """``{id: adapter}`` for known, distinct ``keys``, opening each shard once."""
-        by_shard: dict[str, list[str]] = {}
-        for key in keys:
-            by_shard.setdefault(self._records[key]["shard"], []).append(key)
-        out: dict[str, ContextAdapter] = {}
-        for name, shard_keys in by_shard.items():
+    def _open_shards(self, keys: Sequence[str], read: Any) -> None:
+        """Call ``read(handle, path, index)`` for every position of ``keys``, opening each shard once."""
+        by_shard: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_shard.setdefault(self._records[key]["shard"], []).append(i)
+        for name, positions in by_shard.items():
             path = self._shard_path(name)
+            first = keys[positions[0]]
             if not path.is_file():
-                raise _shard_error(path, shard_keys[0], "is missing")
+                raise _shard_error(path, first, "is missing")
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for key in shard_keys:
-                        out[key] = self._adapter(
-                            self._records[key], _read_record(handle, path, self._records[key], self._modules)
-                        )
+                    for i in positions:
+                        read(handle, path, i)
             except (SafetensorError, OSError) as err:
                 raise _shard_error(
-                    path, shard_keys[0], f"cannot be read ({err}): it is corrupted or truncated"
+                    path, first, f"cannot be read ({err}): it is corrupted or truncated"
                 ) from err
-        return out
 
-    def _adapter(self, entry: dict[str, Any], factors: dict[str, LoraFactors]) -> ContextAdapter:
+    def _load(self, keys: list[str]) -> dict[str, ContextAdapter]:
+        """``{id: adapter}`` for known, distinct ``keys``."""
+        out: dict[str, ContextAdapter] = {}
+
+        def read(handle: Any, path: Path, i: int) -> None:
+            entry = self._records[keys[i]]
+            pairs = _read_record(handle, path, entry, self._modules)
+            _, _, scales = entry_layout(entry, len(self._modules))
+            factors = {
+                name: LoraFactors(A, Bt.mT.contiguous(), scale)
+                for name, (A, Bt), scale in zip(self._modules, pairs, scales, strict=True)
+            }
+            out[keys[i]] = self._adapter(factors, entry.get("metadata"))
+
+        self._open_shards(keys, read)
+        return {key: out[key] for key in keys}
+
+    def _sum_direct(self, keys: list[str]) -> ContextAdapter | None:
+        """``compose([self[k] for k in keys])`` built in place: each record's rows are copied from its shard
+        straight into the concatenated factors (no per-record adapters, no second concatenation). Only when
+        ``compose`` would concatenate without folding scales (every module's scale the same in all records)
+        and all records share one dtype; else ``None``."""
+        count = len(self._modules)
+        layouts = [entry_layout(self._records[k], count) for k in keys]
+        dtypes = {self._shards[self._records[k]["shard"]].get("dtype") for k in keys}
+        if len(dtypes) != 1 or not isinstance(dtype_name := dtypes.pop(), str):
+            return None
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype) or any(
+            len({layout[2][m] for layout in layouts}) > 1 for m in range(count)
+        ):
+            return None
+        totals = [sum(layout[1][m] for layout in layouts) for m in range(count)]
+        shapes = list(self._modules.values())
+        A_out = [torch.empty(totals[m], d_in, dtype=dtype) for m, (_, d_in) in enumerate(shapes)]
+        Bt_out = [torch.empty(totals[m], d_out, dtype=dtype) for m, (d_out, _) in enumerate(shapes)]
+        into: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        cursor = [0] * count
+        for _, ranks, _ in layouts:  # the rows of each occurrence, in the order of keys
+            into.append(
+                [
+                    (A_out[m][cursor[m] : cursor[m] + r], Bt_out[m][cursor[m] : cursor[m] + r])
+                    for m, r in enumerate(ranks)
+                ]
+            )
+            cursor = [c + r for c, r in zip(cursor, ranks, strict=True)]
+        self._open_shards(
+            keys, lambda h, path, i: _read_record(h, path, self._records[keys[i]], self._modules, into[i])
+        )
+        factors = {
+            name: LoraFactors(A_out[m], Bt_out[m].mT.contiguous(), layouts[0][2][m])
+            for m, name in enumerate(self._modules)
+        }
+        return self._adapter(factors, None)
+
+    def _adapter(self, factors: dict[str, LoraFactors], metadata: Mapping[str, Any] | None) -> ContextAdapter:
         if self.device.type != "cpu":
             factors = {
                 n: LoraFactors(f.A.to(self.device), f.B.to(self.device), f.scale) for n, f in factors.items()
             }
         return ContextAdapter(
-            factors, self.base_model, self.base_revision, copy.deepcopy(entry.get("metadata") or {})
+            factors, self.base_model, self.base_revision, copy.deepcopy(dict(metadata or {}))
         )
 
 
