@@ -465,13 +465,14 @@ def consolidate_store(directory: str | os.PathLike) -> ConsolidationReport:
     records = {rid: e for rid, e in view.records.items() if e["shard"] in intact}
     dropped = [rid for rid in view.records if rid not in records]
     used = {e["shard"] for e in records.values()}
-    index = {
-        "format": INDEX_FORMAT,
-        "schema_version": STORE_SCHEMA_VERSION,
-        "shards": {name: view.shards[name] for name in sorted(used)},
-        "records": list(records.values()),
-    }
-    write_text_atomically(directory / INDEX_NAME, json.dumps(index) + "\n")
+    if view.parts or dropped or not (directory / INDEX_NAME).is_file():  # else index.json is up to date
+        index = {
+            "format": INDEX_FORMAT,
+            "schema_version": STORE_SCHEMA_VERSION,
+            "shards": {name: view.shards[name] for name in sorted(used)},
+            "records": list(records.values()),
+        }
+        write_text_atomically(directory / INDEX_NAME, json.dumps(index) + "\n")
     removed = []
     for part in view.parts:
         part.unlink(missing_ok=True)
