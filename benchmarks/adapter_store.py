@@ -19,8 +19,8 @@ Measured, on ``--n`` passages (SQuAD v1.1 validation passages, ``--data squad``;
 
 Each timing is repeated ``--repeats`` times after one warm-up: median and 90th percentile of wall-clock and
 CPU time (``benchmarks/_common.py``); rates are given per wall-clock second and per CPU second of this
-process (``adapters_per_cpu_s``: on a shared machine with one thread, the steadier number). The JSON also records the hardware, the library versions, the settings
-and the load average before and after.
+process (``adapters_per_cpu_s``: on a shared machine with one thread, the steadier number). The JSON also
+records the hardware, the library versions, the settings and the load average before and after.
 
 Usage::
 
