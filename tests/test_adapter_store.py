@@ -346,6 +346,11 @@ def test_resume_skips_stored_records_and_changed_texts_are_refused_or_remade(
     generators, tmp_path: Path
 ) -> None:
     generator = generators["llama"]
+    records = corpus_records(CORPUS)
+    scattered = adapt_corpus(generator, [records[5], records[2]], tmp_path / "scattered", progress=False)
+    assert scattered.made == 2 and AdapterStore(tmp_path / "scattered").ids() == ["doc-2", "doc-5"]  # by line
+    adapt_corpus(generator, records, tmp_path / "scattered", progress=False)
+    assert AdapterStore(tmp_path / "scattered").ids() == [r["id"] for r in CORPUS]
     out = tmp_path / "store"
     first = adapt_corpus(generator, CORPUS[:4], out, batch_size=3, progress=False)
     assert (first.made, first.skipped) == (4, 0)

@@ -180,8 +180,10 @@ class StoreView:
 
     Attributes:
         header: the store's header.
-        records: ``{id: entry}`` in store order (``index.json`` order, then the parts' records by ``order``);
-            a part's entry replaces an older one of the same id in place.
+        records: ``{id: entry}`` in store order: by each record's ``order`` (the corpus line it was made
+            from; ties and records without one keep their index order), so that a store made in one run, in
+            several processes or over interrupted runs lists its records alike; a part's entry replaces an
+            older one of the same id.
         shards: ``{shard file name: {"bytes", "sha256", "dtype", "records"}}``.
         parts: the part files merged into this view (oldest first).
     """
@@ -228,9 +230,16 @@ def _read_view(directory: Path) -> StoreView:
         entries, table = _check_index(_read_json(part, "index part"), part)
         shards.update(table)
         new.update((e["id"], e) for e in entries)
-    order = sorted(new.values(), key=lambda e: (e.get("order") is None, e.get("order") or 0))
-    records.update((e["id"], e) for e in order)
+    if new:  # merged records are kept sorted by their order (corpus line); index.json is written sorted
+        records.update(new)
+        records = dict(sorted(records.items(), key=lambda item: _order_key(item[1])))
     return StoreView(header, records, shards, parts)
+
+
+def _order_key(entry: Mapping[str, Any]) -> tuple[bool, int]:
+    """Store order: by ``order`` (the record's corpus line); records without one last, in index order."""
+    order = entry.get("order")
+    return (not isinstance(order, int), order if isinstance(order, int) else 0)
 
 
 def _shard_error(shard: Path, record_id: str, problem: str) -> StoreFileError:
