@@ -13,10 +13,12 @@ from .modeling_utils import ContextAdaptationModel, register_method
 from .models.compas import CompAsConfig, CompAsModel  # noqa: E402
 from .models.dyprag import DyPRAGConfig, DyPRAGModel  # noqa: E402
 from .models.stream_adapter import AdapterStream, StreamAdapterConfig, StreamAdapterModel  # noqa: E402
+from .store import AdapterStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterStore",
     "AdapterStream",
     "AutoModelForContextAdaptation",
     "CompAsConfig",
