@@ -1,8 +1,8 @@
 """Throughput of a corpus-scale adapter store: adapters per second, store write time, read and sum time.
 
 The generator is a FRESH, untrained ``CompAsModel.from_base(SmolLM2-135M-Instruct, CompAsConfig())``: the
-production shape (rank 16 on all seven projections of the 30 layers, 210 modules, the default Perceiver),
-with random weights. Throughput does not depend on the weights' values, only on the shapes, so an untrained
+production shape (``CompAsConfig()``'s defaults: rank 8 on down_proj of the 30 layers, per-layer heads), with
+random weights. Throughput does not depend on the weights' values, only on the shapes, so an untrained
 generator times the same as a trained one; ``--model DIR`` loads a trained generator instead. ``--tiny``
 uses a tiny random llama (for tests of this script).
 

@@ -670,6 +670,8 @@ def test_smollm2_store_with_a_compas_generator_of_the_production_shape(smollm2, 
     base, tokenizer = smollm2
     torch.manual_seed(0)
     model = CompAsModel.from_base(base, CompAsConfig(), tokenizer=tokenizer)  # untrained: shapes only
+    with torch.no_grad():  # off zero, as after training (a fresh generator's ΔW is zero for every passage)
+        model.generator.output_scale.normal_(0.0, 0.05)
     passages = [
         "Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity.",
         "Paris is the capital and largest city of France.",
@@ -681,7 +683,7 @@ def test_smollm2_store_with_a_compas_generator_of_the_production_shape(smollm2, 
     store = AdapterStore(tmp_path / "s")
     store.check_model(model)
     store.check_model(base)
-    assert len(store.modules) == 210 and store["p0"].rank == 16
+    assert len(store.modules) == 30 and store["p0"].rank == 8  # rank 8 on down_proj of the 30 layers
     for start in (0, 2):
         made = model.generate_adapter(passages[start : start + 2])
         for offset, want in enumerate(made):
