@@ -23,6 +23,7 @@ from ctx2param.commands.train import load_training_examples
 from ctx2param.evaluation import EvalConfig, EvalItem, EvalModel, build_items, get_task, heldout_split
 from ctx2param.evaluation.datasets import load_boolq, load_coqa, load_squad
 from ctx2param.evaluation.runner import _Run
+from ctx2param.testing_utils import tiny_tokenizer
 from ctx2param.training import mix as mix_module
 from ctx2param.training import teacher
 from ctx2param.training.data import TrainingDataError, TrainingExample, _ngrams, is_contaminated, load_jsonl
@@ -517,3 +518,68 @@ def test_bad_input(tmp_path: Path, toy_mix_file: Path, tiny_eval_model: EvalMode
     bad.write_text('{"contexts": ["a"], "query": "", "answer": "b", "golden": "x"}\n')
     with pytest.raises(TrainingDataError, match="unexpected key"):
         load_jsonl(bad)
+
+
+def test_heldout_output_and_sources_files(tiny_dir: Path, toy_mix_file: Path, tmp_path: Path) -> None:
+    out, held = tmp_path / "responses.jsonl", tmp_path / "heldout.jsonl"
+    args = ["data", "responses", "--model", str(tiny_dir), "--mix", str(toy_mix_file), "--out", str(out)]
+    extra = ["--heldout-out", str(held), "--heldout-frac", "0.02", "--k", "1,2", "--max-new-tokens", "4"]
+    assert main([*args, *extra, "--device", "cpu", "--no-progress"]) == 0
+    mix = load_mix(toy_mix_file)
+    index = mix.passage_index()
+    dev_texts = {p.text for p in mix.passages if p.dev}
+    train_lines = [json.loads(line) for line in out.read_text().splitlines()]
+    held_lines = [json.loads(line) for line in held.read_text().splitlines()]
+    assert train_lines and held_lines
+    assert not any(set(line["contexts"]) & dev_texts for line in train_lines)  # dev passages never trained on
+    assert all(set(line["contexts"]) <= dev_texts for line in held_lines)
+    passage_of = {f"{q.source}:{q.id}": q.passage for q in mix.questions}
+    assert all(index[passage_of[line["id"]]].dev for line in held_lines)
+    for path, lines in ((out, train_lines), (held, held_lines)):
+        entries = json.loads(Path(f"{path}.sources.json").read_text())
+        assert sum(e["num_examples"] for e in entries) == len(lines)  # what `ctx2param train` checks
+        assert all(e["name"] and "license" in e for e in entries)
+    stats = json.loads((tmp_path / "responses.stats.json").read_text())
+    assert stats["heldout"]["examples"] == len(held_lines) and stats["examples"] == len(train_lines)
+    # the mix's own card entries are written beside it by `data mix` / `data questions`
+    with_self = tmp_path / "self.jsonl.gz"
+    qargs = [
+        "data",
+        "questions",
+        "--model",
+        str(tiny_dir),
+        "--mix",
+        str(toy_mix_file),
+        "--out",
+        str(with_self),
+    ]
+    assert main([*qargs, "--limit", "2", "--device", "cpu", "--no-progress"]) == 0
+    entries = json.loads(Path(f"{with_self}.sources.json").read_text())
+    assert [e["num_examples"] for e in entries] == [len(load_mix(with_self).questions)]
+    # the held-out fraction is fixed when the mix is built
+    assert main([*args, "--heldout-out", str(held), "--heldout-frac", "0.1", "--device", "cpu"]) == 1
+    assert main([*args, "--heldout-frac", "0.02", "--device", "cpu"]) == 1  # without --heldout-out
+
+
+def test_gold_answers_need_no_weights(toy_mix_file: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    arch = tmp_path / "arch"  # config and tokenizer only, as hub_scripts/gpu/prepare_carry.sh makes
+    AutoConfig.for_model("qwen2", hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        arch
+    )
+    tiny_tokenizer().save_pretrained(arch)
+    out = tmp_path / "gold.jsonl.gz"
+    args = ["data", "responses", "--answers", "gold", "--model", str(arch), "--mix", str(toy_mix_file)]
+    assert main([*args, "--out", str(out), "--questions-per-example", "2", "--k", "1,2,4"]) == 0
+    examples = load_jsonl(out)
+    mix = load_mix(toy_mix_file)
+    gold = {f"{q.source}:{q.id}": q.answer for q in mix.questions}
+    assert examples and all(ex.answer == ex.gold == gold[ex.source] != "" for ex in examples)
+    stats = json.loads((tmp_path / "gold.stats.json").read_text())
+    dev = {p.id for p in mix.passages if p.dev}
+    without = sum(1 for q in mix.questions if not q.answer and q.passage not in dev)
+    assert stats["skipped_without_gold"] == without > 0
+    limited = tmp_path / "gold5.jsonl"
+    assert main([*args, "--out", str(limited), "--limit", "5"]) == 0
+    assert len(load_jsonl(limited)) == 5  # the limit counts questions that have a gold answer

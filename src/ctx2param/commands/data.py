@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +161,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "256 "
         "= CompAs chunk_tokens; 0: no limit)",
     )
-    responses.add_argument("--limit", type=int, default=None, help="answer at most N questions (seeded)")
+    responses.add_argument(
+        "--limit", type=int, default=None, help="answer at most N questions in each output file (seeded)"
+    )
+    responses.add_argument(
+        "--answers",
+        choices=("teacher", "gold"),
+        default="teacher",
+        help="teacher: generate (default); gold: the data sets' answers, no model run (only --model's "
+        "tokenizer and config are read; questions without one are left out)",
+    )
+    responses.add_argument(
+        "--heldout-out",
+        metavar="FILE.jsonl[.gz]",
+        default=None,
+        help="also write the examples of the mix's dev passages (held out from training) to FILE",
+    )
+    responses.add_argument(
+        "--heldout-frac",
+        type=float,
+        default=None,
+        help="the held-out fraction; must be the mix's --dev-frac (0.02 by default)",
+    )
     responses.set_defaults(func=run_responses)
 
     stats = sub.add_parser("stats", help="print a mix's counts and its model card dataset entries")
@@ -228,8 +248,28 @@ def _load_model(args: argparse.Namespace) -> Any:
     return _load(namespace)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _tokenizer_only(args: argparse.Namespace) -> Any:
+    """The model's tokenizer and window without its weights (``--answers gold``: nothing is generated)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..evaluation.runner import EvalModel
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision)
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    lm: Any = None  # never run with --answers gold
+    return EvalModel(lm, tokenizer, name=args.model, revision=args.revision, window=window)
+
+
+def _write_sources(mix: Any, out: Path) -> Path:
+    """``OUT.sources.json``: the mix's ``CardData.add_dataset`` entries, beside it (for the model card)."""
+    from ..file_utils import write_text_atomically
+    from ..training.mix import card_datasets
+
+    path = Path(f"{out}.sources.json")
+    write_text_atomically(path, json.dumps(card_datasets(mix.sources), indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -250,6 +290,7 @@ def run_mix(args: argparse.Namespace) -> int:
         dev_frac=args.dev_frac,
     )
     save_mix(mix, out)
+    _write_sources(mix, out)
     print(format_counts(mix))
     dropped = ", ".join(
         f"{source}: " + ", ".join(f"{n:,} {why}" for why, n in reasons.items())
@@ -283,6 +324,7 @@ def run_questions(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     save_mix(mix, out)
+    _write_sources(mix, out)
     out.with_name(out.name + ".partial").unlink(missing_ok=True)
     print(format_counts(mix))
     asked = max(record["passages_asked"], 1)
@@ -304,7 +346,7 @@ def run_responses(args: argparse.Namespace) -> int:
     if args.max_context_tokens is not None and args.max_context_tokens < 0:
         raise ValueError(f"--max-context-tokens must be >= 0, got {args.max_context_tokens}.")
     mix = load_mix(args.mix)
-    model = _load_model(args)
+    model = _load_model(args) if args.answers == "teacher" else _tokenizer_only(args)
     stats = teacher_responses(
         mix,
         model,
@@ -321,14 +363,29 @@ def run_responses(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.no_progress,
         mix_path=args.mix,
+        answers=args.answers,
+        heldout_out=args.heldout_out,
+        heldout_frac=args.heldout_frac,
     )
     hist = ", ".join(f"k={k}: {n:,}" for k, n in stats["k_histogram"].items())
-    print(
-        f"{stats['examples']:,} examples ({stats['groups']:,} context sets; {hist}); mean response "
-        f"{stats['mean_response_tokens']:.1f} tokens, {stats['responses_at_token_limit']:,} at the limit; "
-        f"{stats['dropped_empty_responses']:,} empty responses dropped; {stats['generation_seconds']:.1f} s "
-        f"({stats['seconds_per_question']:.4f} s a question) on {stats['device']}"
-    )
+    if args.answers == "gold":
+        print(
+            f"{stats['examples']:,} examples with gold answers ({stats['groups']:,} context sets; {hist}); "
+            f"{stats['skipped_without_gold']:,} questions without one left out"
+        )
+    else:
+        print(
+            f"{stats['examples']:,} examples ({stats['groups']:,} context sets; {hist}); mean response "
+            f"{stats['mean_response_tokens']:.1f} tokens, {stats['responses_at_token_limit']:,} at the "
+            f"limit; {stats['dropped_empty_responses']:,} empty responses dropped; "
+            f"{stats['generation_seconds']:.1f} s ({stats['seconds_per_question']:.4f} s a question) on "
+            f"{stats['device']}"
+        )
+    if "heldout" in stats:
+        held = stats["heldout"]
+        print(
+            f"held out: {held['examples']:,} examples ({held['groups']:,} context sets) in {args.heldout_out}"
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -36,7 +36,7 @@ from ..evaluation.datasets import seeded_rng
 from ..evaluation.runner import EvalModel, _autocast, _batches, _greedy, _pad
 from ..file_utils import sha256_file, write_text_atomically
 from .data import TrainingExample
-from .mix import Mix, MixError, MixPassage, MixQuestion, write_jsonl
+from .mix import Mix, MixError, MixPassage, MixQuestion, card_datasets, write_jsonl
 from .questions import clean_generated_questions
 
 __all__ = [
@@ -350,6 +350,7 @@ def teacher_examples(
     part: str = "train",
     usable: Callable[[MixPassage], bool] | None = None,
     limit: int | None = None,
+    keep: Callable[[MixQuestion], bool] | None = None,
 ) -> list[TeacherExample]:
     """The questions of ``mix`` with their ``k`` passages, drawn reproducibly.
 
@@ -369,6 +370,7 @@ def teacher_examples(
         usable: a passage filter (e.g. its token count fits the generator's chunk); both gold passages
             and distractors must pass it.
         limit: at most this many questions (whole groups in a seeded order; the last one may be cut).
+        keep: a question filter applied before grouping and ``limit`` (e.g. questions with a gold answer).
 
     Returns:
         Examples group by group.
@@ -395,7 +397,7 @@ def teacher_examples(
     by_passage = mix.questions_by_passage()
     groups: list[tuple[str, MixPassage, list[MixQuestion]]] = []
     for passage in pool:
-        questions = list(by_passage.get(passage.id, []))
+        questions = [q for q in by_passage.get(passage.id, []) if keep is None or keep(q)]
         if not questions:
             continue
         seeded_rng("ctx2param/teacher/questions", seed, passage.id).shuffle(questions)
@@ -480,6 +482,9 @@ def teacher_responses(
     limit: int | None = None,
     progress: bool = True,
     mix_path: str | os.PathLike[str] | None = None,
+    answers: str = "teacher",
+    heldout_out: str | os.PathLike[str] | None = None,
+    heldout_frac: float | None = None,
 ) -> dict[str, Any]:
     """The teacher's greedy responses to the mix's questions, written as training JSONL to ``out``.
 
@@ -491,76 +496,175 @@ def teacher_responses(
     ``max_new_tokens``), decoded without special tokens and stripped; an empty reply is dropped. Lines are
     ordered by prompt length (longest group first), the lines of a group together.
 
-    Beside ``out`` goes ``<out stem>.stats.json``: settings, counts (questions, examples, groups, dropped),
-    the k histogram, mean response tokens, replies at the token limit, per-source counts, time.
+    Beside each output ``X.jsonl[.gz]`` go ``X.stats.json`` (settings, counts, the k histogram, mean response
+    tokens, replies at the token limit, per-source counts, time) and ``X.jsonl[.gz].sources.json`` (the
+    ``CardData.add_dataset`` entries of the gold passages' sources, which ``ctx2param train`` records).
 
     Args:
         mix: the mix.
-        model: the teacher (the base model).
+        model: the teacher (the base model); with ``answers="gold"`` only its tokenizer and window are used
+            (``lm`` may be None).
         out: ``*.jsonl`` or ``*.jsonl.gz``.
-        ks, k_weights, seed, questions_per_example, part, limit: see :func:`teacher_examples`.
+        ks, k_weights, seed, questions_per_example, part: see :func:`teacher_examples`.
+        limit: at most this many questions in each output file (see :func:`teacher_examples`).
         max_new_tokens: longest reply.
         max_context_tokens: passages with more tokens than this (the generator's ``chunk_tokens``) are
             neither gold passages nor distractors, so that each context is one chunk; None: no limit.
         batch_size, batch_tokens: see :func:`greedy_replies`.
         mix_path: the mix file, to fingerprint the resume file and record its digest.
+        answers: ``"teacher"`` (generate) or ``"gold"`` (the data set's answer, no model run; questions
+            without one are dropped): examples of the same shape without a GPU, e.g. for throughput tests.
+        heldout_out: also write the examples of the mix's ``dev`` passages (distractors from the dev part
+            too) to this file, from the same generation pass; needs ``part="train"``.
+        heldout_frac: the held-out fraction asked for; it must be the mix's ``dev_frac`` (the dev part is
+            fixed when the mix is built).
 
     Returns:
-        The stats record (also written beside ``out``).
+        The stats record of ``out`` (with ``"heldout"``: the held-out file's, when written).
     """
-    out = Path(out)
-    if not out.name.endswith((".jsonl", ".jsonl.gz")):
-        raise MixError(f"--out {out} must end in .jsonl or .jsonl.gz.")
+    outputs = [Path(out)] + ([Path(heldout_out)] if heldout_out is not None else [])
+    for path in outputs:
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            raise MixError(f"{path} must end in .jsonl or .jsonl.gz.")
+    if heldout_out is not None and Path(heldout_out) == Path(out):
+        raise MixError("--heldout-out must differ from --out.")
+    if answers not in ("teacher", "gold"):
+        raise MixError(f"answers must be 'teacher' or 'gold', got {answers!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MixError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    parts = [part]
+    if heldout_out is not None:
+        if part != "train":
+            raise MixError(
+                "--heldout-out writes the dev part beside the train part; part must be 'train', not "
+                f"{part!r}."
+            )
+        dev_frac = mix.header.get("settings", {}).get("dev_frac")
+        if heldout_frac is not None and dev_frac is not None and abs(heldout_frac - dev_frac) > 1e-12:
+            raise MixError(
+                f"The mix holds out dev_frac={dev_frac} of its passages (its dev part); rebuild it with "
+                f"`ctx2param data mix --dev-frac {heldout_frac}` for another fraction."
+            )
+        parts.append("dev")
+    elif heldout_frac is not None:
+        raise MixError("--heldout-frac needs --heldout-out (the file for the held-out examples).")
     start = time.perf_counter()
     lengths: dict[str, int] = {}
     if max_context_tokens is not None:
         counts = model.tokenizer([p.text for p in mix.passages], add_special_tokens=False)["input_ids"]
         lengths = {p.id: len(c) for p, c in zip(mix.passages, counts, strict=True)}
     too_long = sum(1 for n in lengths.values() if max_context_tokens is not None and n > max_context_tokens)
-    examples = teacher_examples(
-        mix, ks, k_weights, seed, questions_per_example, part,
-        usable=None if max_context_tokens is None else (lambda p: lengths[p.id] <= max_context_tokens),
-        limit=limit,
-    )  # fmt: skip
-    if not examples:
-        raise MixError(f"No questions to answer in the {part!r} part of the mix (after the filters).")
-    prompts = teacher_prompt_ids(model, examples)
+    drawn: list[list[TeacherExample]] = []
+    no_gold: list[int] = []
+    usable = None if max_context_tokens is None else (lambda p: lengths[p.id] <= max_context_tokens)
+    has_gold = (lambda q: bool(q.answer.strip())) if answers == "gold" else None
+    index = mix.passage_index()
+    for which in parts:
+        examples = teacher_examples(
+            mix, ks, k_weights, seed, questions_per_example, which, usable=usable, limit=limit, keep=has_gold
+        )
+        no_gold.append(
+            sum(
+                1 for q in mix.questions
+                if has_gold is not None and not has_gold(q)
+                and (which == "all" or index[q.passage].dev == (which == "dev"))
+                and (usable is None or usable(index[q.passage]))
+            )
+        )  # fmt: skip
+        if not examples:
+            raise MixError(f"No questions to answer in the {which!r} part of the mix (after the filters).")
+        drawn.append(examples)
     window = model.window
-    keep = [i for i, p in enumerate(prompts) if window is None or len(p) + max_new_tokens <= window]
-    over_window = len(examples) - len(keep)
-    examples = [examples[i] for i in keep]
-    prompts = [prompts[i] for i in keep]
-    if not examples:
-        raise MixError(f"Every prompt exceeds the model's window of {window} tokens: lower the largest k.")
-    keys = [e.question.id for e in examples]
-    digest = _file_digest(mix_path) if mix_path is not None else None
+    prompted: list[tuple[list[TeacherExample], list[list[int]], int]] = []
+    for examples in drawn:
+        prompts = teacher_prompt_ids(model, examples)
+        keep = [i for i, p in enumerate(prompts) if window is None or len(p) + max_new_tokens <= window]
+        if not keep:
+            raise MixError(
+                f"Every prompt exceeds the model's window of {window} tokens: lower the largest k."
+            )
+        prompted.append(([examples[i] for i in keep], [prompts[i] for i in keep], len(examples) - len(keep)))
     settings = {
         "ks": list(ks), "k_weights": list(k_weights) if k_weights else None, "seed": seed,
         "max_new_tokens": max_new_tokens, "questions_per_example": questions_per_example, "part": part,
-        "max_context_tokens": max_context_tokens, "limit": limit,
+        "max_context_tokens": max_context_tokens, "limit": limit, "answers": answers,
     }  # fmt: skip
-    fingerprint = _fingerprint(step="responses", model=str(model.name), mix=digest, keys=keys, **settings)
-    partial = out.with_name(out.name + ".partial")
-    replies = greedy_replies(
-        model, keys, prompts, max_new_tokens, batch_size, batch_tokens, partial, fingerprint, progress,
-        desc="teacher responses",
-    )  # fmt: skip
+    digest = _file_digest(mix_path) if mix_path is not None else None
+    replies: dict[str, GreedyResult] = {}
+    if answers == "teacher":
+        keys = [e.question.id for examples, _, _ in prompted for e in examples]
+        prompts = [p for _, ps, _ in prompted for p in ps]
+        fingerprint = _fingerprint(step="responses", model=str(model.name), mix=digest, keys=keys, **settings)
+        partial = outputs[0].with_name(outputs[0].name + ".partial")
+        replies = greedy_replies(
+            model, keys, prompts, max_new_tokens, batch_size, batch_tokens, partial, fingerprint, progress,
+            desc="teacher responses",
+        )  # fmt: skip
     generation_s = time.perf_counter() - start
-    # group order: longest prompt first, then the group id; questions in draw order within a group
+    source_of = {p.id: p.source for p in mix.passages}
+    context = {
+        "mix": str(mix_path) if mix_path is not None else None, "mix_sha256_16": digest, "settings": settings,
+        "passages_over_max_context_tokens": too_long, "generation_seconds": round(generation_s, 3),
+        "model": model.info() if answers == "teacher" else {"name": str(model.name), "answers": "gold"},
+        "prompt_format": "chat template (one user turn)" if model.chat else "plain text",
+        "context_separator": model.separator,
+        "device": str(model.device) if answers == "teacher" else None,
+    }  # fmt: skip
+    all_stats = []
+    for path, (examples, prompts, over_window), dropped_no_gold, which in zip(
+        outputs, prompted, no_gold, parts, strict=True
+    ):
+        stats = _write_examples(path, examples, prompts, replies, model, answers, source_of, context)
+        stats.update(part=which, dropped_over_window=over_window, skipped_without_gold=dropped_no_gold)
+        stats["seconds_per_question"] = round(generation_s / sum(len(e) for e, _, _ in prompted), 4)
+        _write_json(_stats_path(path), stats)
+        all_stats.append(stats)
+    outputs[0].with_name(outputs[0].name + ".partial").unlink(missing_ok=True)
+    if len(all_stats) > 1:
+        all_stats[0]["heldout"] = {k: v for k, v in all_stats[1].items() if k not in context}
+        _write_json(_stats_path(outputs[0]), all_stats[0])
+    return all_stats[0]
+
+
+def _stats_path(path: Path) -> Path:
+    """``X.stats.json`` beside ``X.jsonl`` / ``X.jsonl.gz``."""
+    return path.with_name(path.name.removesuffix(".gz").removesuffix(".jsonl") + ".stats.json")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_text_atomically(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_examples(
+    out: Path,
+    examples: Sequence[TeacherExample],
+    prompts: Sequence[Sequence[int]],
+    replies: dict[str, GreedyResult],
+    model: EvalModel,
+    answers: str,
+    source_of: dict[str, str],
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one output file (and its ``.sources.json``); returns its stats."""
     longest: dict[str, int] = {}
     for e, p in zip(examples, prompts, strict=True):
         longest[e.group] = max(longest.get(e.group, 0), len(p))
+    # group order: longest prompt first, then the group id; questions in draw order within a group
     order = sorted(range(len(examples)), key=lambda i: (-longest[examples[i].group], examples[i].group, i))
     records = []
     k_hist: dict[str, int] = {}
     per_source: dict[str, int] = {}
+    per_passage_source: dict[str, dict[str, int]] = {}
     empty = at_limit = response_tokens = 0
     prompt_tokens = []
     for i in order:
-        e, reply = examples[i], replies[keys[i]]
-        text = model.tokenizer.decode(list(reply.tokens), skip_special_tokens=True).strip()
+        e = examples[i]
+        if answers == "gold":
+            text, tokens, ended = e.question.answer.strip(), [], True
+        else:
+            reply = replies[e.question.id]
+            text = model.tokenizer.decode(list(reply.tokens), skip_special_tokens=True).strip()
+            tokens, ended = list(reply.tokens), reply.ended
         if not text:
             empty += 1
             continue
@@ -571,37 +675,42 @@ def teacher_responses(
         records.append(example.to_json())
         k_hist[str(e.k)] = k_hist.get(str(e.k), 0) + 1
         per_source[e.question.source] = per_source.get(e.question.source, 0) + 1
-        at_limit += not reply.ended
-        response_tokens += len(reply.tokens)
+        by = per_passage_source.setdefault(source_of[e.question.passage], {})
+        by[e.question.source] = by.get(e.question.source, 0) + 1
+        at_limit += not ended
+        response_tokens += len(tokens)
         prompt_tokens.append(len(prompts[i]))
     if not records:
-        raise MixError("The teacher gave only empty responses: nothing to write.")
+        raise MixError(f"{out}: the teacher gave only empty responses; nothing to write.")
     write_jsonl(out, records)
-    stats = {
+    what = "gold answers" if answers == "gold" else "teacher responses"
+    _write_json(Path(f"{out}.sources.json"), _response_sources(per_passage_source, len(records), what))
+    return {
         "output": out.name,
-        "mix": str(mix_path) if mix_path is not None else None,
-        "mix_sha256_16": digest,
-        "model": model.info(),
-        "settings": settings,
-        "prompt_format": "chat template (one user turn)" if model.chat else "plain text",
-        "context_separator": model.separator,
+        **context,
         "questions": len(examples),
         "examples": len(records),
         "groups": len({r["group"] for r in records}),
         "dropped_empty_responses": empty,
-        "dropped_over_window": over_window,
-        "passages_over_max_context_tokens": too_long,
         "k_histogram": dict(sorted(k_hist.items(), key=lambda kv: int(kv[0]))),
         "per_source": dict(sorted(per_source.items())),
-        "mean_response_tokens": response_tokens / len(records),
+        "mean_response_tokens": response_tokens / len(records) if answers == "teacher" else None,
         "responses_at_token_limit": at_limit,
         "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
         "max_prompt_tokens": max(prompt_tokens),
-        "generation_seconds": round(generation_s, 3),
-        "seconds_per_question": round(generation_s / len(examples), 4),
-        "device": str(model.device),
     }
-    stats_path = out.with_name(out.name.removesuffix(".gz").removesuffix(".jsonl") + ".stats.json")
-    write_text_atomically(stats_path, json.dumps(stats, indent=2) + "\n")
-    partial.unlink(missing_ok=True)
-    return stats
+
+
+def _response_sources(
+    per_passage_source: dict[str, dict[str, int]], total: int, what: str
+) -> list[dict[str, Any]]:
+    """``CardData.add_dataset`` entries of a responses file: one per passage source, ``num_examples`` its
+    examples (summing to the file's), licences from :data:`~ctx2param.training.mix.SOURCE_INFO`."""
+    entries = card_datasets(
+        {name: {"passages": 0, "questions": by} for name, by in sorted(per_passage_source.items())}
+    )
+    for entry in entries:
+        entry["description"] = f"{what} over k passages; " + entry["description"].split("; ", 1)[1]
+    if sum(int(e["num_examples"]) for e in entries) != total:  # cannot happen: every example has a source
+        raise AssertionError("responses' source counts do not add up")
+    return entries
