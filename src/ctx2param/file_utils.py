@@ -27,11 +27,24 @@ def sha256_file(path: str | os.PathLike) -> str:
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, then a rename: a
     reader sees the old file or the new one, never half of one; the temporary file is removed on failure."""
+    return _write_atomically(path, text)
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` as :func:`write_text_atomically` writes text (temporary file, rename)."""
+    return _write_atomically(path, data)
+
+
+def _write_atomically(path: str | os.PathLike, content: str | bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if isinstance(content, bytes):
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(content)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,9 +10,12 @@ One JSON object per line (UTF-8; blank lines are skipped). Each object is one of
 - ``{"text": "..."}``: a plain passage. It trains continuation (context = its first part, target = the
   next part, see :func:`passage_to_example`) and reconstruction (the decoder reads the context back).
 
-Either kind may carry an optional ``"id"`` string. Any other key is an error (it catches typos such as
-``"context"``). :func:`load_jsonl` reports every problem with the file, the line number and what is
-wrong; :func:`save_jsonl` writes the format atomically.
+Either kind may carry an optional ``"id"`` string; a question-answering line may also carry ``"group"``
+(lines of one group share their contexts, e.g. several questions about one passage set, to be batched
+together) and ``"gold"`` (the data set's own answer when ``answer`` is a teacher's response), both strings.
+Any other key is an error (it catches typos such as ``"context"``). :func:`load_jsonl` reports every
+problem with the file, the line number and what is wrong, and reads ``.gz`` files as gzipped JSONL;
+:func:`save_jsonl` writes the format atomically.
 
 Joining query and answer
 ------------------------
@@ -35,6 +38,7 @@ questions, and dropped when it has one (one CoQA story, SQuAD's "Super Bowl 50" 
 from __future__ import annotations
 
 import bisect
+import gzip
 import json
 import os
 import re
@@ -42,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from ctx2param.errors import Ctx2ParamError
 from ctx2param.evaluation.datasets import (
@@ -96,12 +100,16 @@ class TrainingExample:
         query: what the adapted model reads; may be empty (continuation of the contexts).
         answer: the text to predict after the query, non-empty.
         source: where the example comes from (e.g. ``"coqa:<turn id>"``), for bookkeeping.
+        group: examples with the same non-empty group share their contexts (batch them together).
+        gold: the data set's answer when ``answer`` is a teacher's own response, else ``""``.
     """
 
     contexts: tuple[str, ...]
     query: str
     answer: str
     source: str = ""
+    group: str = ""
+    gold: str = ""
 
     def __post_init__(self) -> None:
         contexts = self.contexts
@@ -123,6 +131,9 @@ class TrainingExample:
             raise TrainingDataError(f"answer must be a string, got {type(self.answer).__name__}.")
         if not self.answer.strip():
             raise TrainingDataError("answer is empty or whitespace only.")
+        for name in ("group", "gold"):
+            if not isinstance(getattr(self, name), str):
+                raise TrainingDataError(f"{name} must be a string, got {type(getattr(self, name)).__name__}.")
         object.__setattr__(self, "contexts", tuple(contexts))
 
     def target(self) -> str:
@@ -139,6 +150,9 @@ class TrainingExample:
         record: dict[str, Any] = {"contexts": list(self.contexts), "query": self.query, "answer": self.answer}
         if self.source:
             record["id"] = self.source
+        for key in ("group", "gold"):
+            if getattr(self, key):
+                record[key] = getattr(self, key)
         return record
 
 
@@ -166,6 +180,7 @@ Record = TrainingExample | Passage
 
 _QA_KEYS = frozenset({"contexts", "query", "answer"})
 _OPTIONAL_KEYS = frozenset({"id"})
+_QA_OPTIONAL_KEYS = frozenset({"group", "gold"})
 
 
 def _type_name(value: Any) -> str:
@@ -200,9 +215,11 @@ def _parse_record(obj: Any) -> Record:
             f'missing key(s) {missing}: a line is either {{"text": ...}} or '
             '{"contexts": [...], "query": ..., "answer": ...}'
         )
-    extra = set(obj) - _QA_KEYS - _OPTIONAL_KEYS
+    extra = set(obj) - _QA_KEYS - _OPTIONAL_KEYS - _QA_OPTIONAL_KEYS
     if extra:
-        raise ValueError(f"unexpected key(s) {sorted(extra)}; allowed: contexts, query, answer, id")
+        raise ValueError(
+            f"unexpected key(s) {sorted(extra)}; allowed: contexts, query, answer, id, group, gold"
+        )
     contexts = obj["contexts"]
     if not isinstance(contexts, list):
         raise ValueError(f'"contexts" must be an array of strings, got a JSON {_type_name(contexts)}')
@@ -213,16 +230,26 @@ def _parse_record(obj: Any) -> Record:
             raise ValueError(f'"contexts"[{i}] must be a string, got a JSON {_type_name(context)}')
         if not context.strip():
             raise ValueError(f'"contexts"[{i}] is an empty context')
-    for key in ("query", "answer"):
-        if not isinstance(obj[key], str):
+    for key in ("query", "answer", "group", "gold"):
+        if not isinstance(obj.get(key, ""), str):
             raise ValueError(f'"{key}" must be a string, got a JSON {_type_name(obj[key])}')
     if not obj["answer"].strip():
         raise ValueError('"answer" is empty')
-    return TrainingExample(tuple(contexts), obj["query"], obj["answer"], source=record_id)
+    return TrainingExample(
+        tuple(contexts), obj["query"], obj["answer"], source=record_id, group=obj.get("group", ""),
+        gold=obj.get("gold", ""),
+    )  # fmt: skip
+
+
+def _open_text(path: Path) -> IO[str]:
+    """``path`` opened for reading text: gunzipped when it ends in ``.gz``; a byte-order mark is skipped."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:
-    """Read and validate a training JSONL file (format in the module docstring).
+    """Read and validate a training JSONL file (format in the module docstring; ``*.gz``: gzipped).
 
     Returns:
         One :class:`TrainingExample` or :class:`Passage` per non-blank line, in file order.
@@ -236,20 +263,23 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"Training data file {path} does not exist.")
     records: list[Record] = []
-    with path.open("r", encoding="utf-8-sig") as fh:  # tolerate a byte-order mark
-        for line_number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainingDataError(
-                    f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            try:
-                records.append(_parse_record(obj))
-            except ValueError as err:
-                raise TrainingDataError(f"{path}:{line_number}: {err}") from None
+    try:
+        with _open_text(path) as fh:
+            for line_number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TrainingDataError(
+                        f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                try:
+                    records.append(_parse_record(obj))
+                except ValueError as err:
+                    raise TrainingDataError(f"{path}:{line_number}: {err}") from None
+    except EOFError as err:  # a truncated .gz file
+        raise TrainingDataError(f"{path}: the gzip file is truncated ({err}).") from err
     if not records:
         raise TrainingDataError(f"{path}: no records (the file is empty or blank).")
     return records
