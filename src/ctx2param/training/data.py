@@ -684,7 +684,7 @@ def demonstration_examples(
     query is the example's prompt and the answer its verbalised label.
 
     Args:
-        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"`` or ``"boolq"``.
+        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"``, ``"boolq"`` or ``"mrpc"``.
         k: demonstrations per example, >= 1; or a set of counts (e.g. ``(1, 2, 4, 8, 16)``): each example
             then keeps the first ``k`` of ``max(k)`` drawn demonstrations, with ``k`` chosen from the set by
             a generator seeded by (draw seed, example id), so that one data set covers several context
