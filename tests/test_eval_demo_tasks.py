@@ -213,3 +213,37 @@ def test_a_plain_model_runs_closed_and_icl(base_dir: Path, tmp_path: Path):
     assert data["results"][0]["demo_sets"][0]["content_free"]["query"].startswith(
         "Sentence 1: N/A\nSentence 2: N/A"
     )
+
+
+@pytest.fixture
+def bias_script():
+    path = Path(__file__).resolve().parents[1] / "hub_scripts" / "boolq_label_bias.py"
+    yield from _methods.load_script(path, "boolq_label_bias")
+
+
+def test_label_bias_script_agrees_with_ctx2param_eval(tmp_path: Path, bias_script):
+    """hub_scripts/boolq_label_bias.py scores the boolq-k items as ``ctx2param eval`` does: its no/yes
+    accuracy is the runner's, plain and calibrated."""
+    folder = tmp_path / "wide"
+    lm = tiny_model("llama")
+    lm.config.max_position_embeddings = 4096  # no prompt is cut: both see the same tokens
+    lm.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "bias.json"
+    assert bias_script.main(["--model", str(folder), "--k", "0,1", "--n", "6", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    model = EvalModel(tiny_model("llama"), tiny_tokenizer(), name="tiny")
+    model.lm.config.max_position_embeddings = 4096
+    for calibrate in (False, True):
+        data = run_evaluation(
+            model,
+            EvalConfig(
+                task="boolq-k", ks=[0, 1], n=6, systems=["closed", "icl"], calibrate=calibrate, progress=False
+            ),  # fmt: skip
+        )
+        runner = {r["k"]: r["scores"]["accuracy"] for r in data["results"] if r["reused_from_k"] is None}
+        key = "calibrated_accuracy" if calibrate else "accuracy"
+        assert {r["k"]: r["pairs"]["no/yes"][key] for r in report["results"]} == pytest.approx(runner)
+    first = report["results"][0]["pairs"]["no/yes"]
+    assert set(first["content_free_p_yes"]) == {"N/A", "", "[MASK]"}
+    assert 0 <= first["yes_share"] <= 1 and 0 < first["mean_p_yes"] < 1
