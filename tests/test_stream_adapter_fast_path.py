@@ -63,7 +63,7 @@ def build(arch: str, generated_factor: str = "B", targets=None) -> StreamAdapter
     with torch.no_grad():  # off the zero initialisation, as after training: every parameter gets a gradient
         for param in model.method_parameters():
             param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-    model.bucket_min_rows = 1  # this small batch falls into several buckets of each kind
+    model.config.bucket_min_rows = 1  # this small batch falls into several buckets of each kind
     return model
 
 
@@ -222,3 +222,15 @@ def test_flops_and_padding_come_from_plain_counts():
     assert slots == bucketed < full  # the passes pay only for their buckets' widths
     stats = batch_statistics(model, batch)
     assert stats["flops"] == pytest.approx(from_counts["total"]) and stats["slots"] == slots
+
+
+def test_one_padded_pass_per_role_gives_the_same_numbers():
+    """``bucket_min_rows`` larger than the batch: one pass per role (fewer launches, more padding)."""
+    model = build("llama")
+    model.config.bucket_min_rows = 10**6
+    batch = model.collate_training_examples(examples())
+    assert all(len(batch[f"{r}_buckets"]) == 1 for r in ("chunk", "teacher", "student"))
+    assert_same(model, batch)
+    for bad in ({"bucket_min_rows": 0}, {"bucket_max_padding": 1.0}):
+        with pytest.raises(ValueError, match="bucket_"):
+            StreamAdapterConfig(**bad)

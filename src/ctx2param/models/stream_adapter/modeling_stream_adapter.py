@@ -40,13 +40,7 @@ from ...injection import attach_adapter, attach_stacked_adapter
 from ...modeling_utils import ContextAdaptationModel
 from ...modules import LayerKindLayout, target_module_shapes
 from ...stacked import StackedAdapter
-from .collation_stream_adapter import (
-    BUCKET_MAX_PADDING,
-    BUCKET_MIN_ROWS,
-    IGNORE_INDEX,
-    ExampleRows,
-    layout_batch,
-)
+from .collation_stream_adapter import IGNORE_INDEX, ExampleRows, layout_batch
 from .configuration_stream_adapter import StreamAdapterConfig
 
 __all__ = ["AdapterStream", "StreamAdapterLayout", "StreamAdapterModel"]
@@ -245,11 +239,6 @@ class StreamAdapterModel(ContextAdaptationModel):
     """
 
     config_class = StreamAdapterConfig
-    #: Length buckets of training batches (``collate_training_examples``): the padded share of a bucket's
-    #: token slots stays within ``bucket_max_padding``; a bucket has at least ``bucket_min_rows`` rows (but
-    #: the last).
-    bucket_max_padding: float = BUCKET_MAX_PADDING
-    bucket_min_rows: int = BUCKET_MIN_ROWS
 
     def __init__(self, config: StreamAdapterConfig, base_model: nn.Module, tokenizer: Any = None) -> None:
         super().__init__(config, base_model, tokenizer=tokenizer)
@@ -615,7 +604,7 @@ class StreamAdapterModel(ContextAdaptationModel):
         position in ``examples``) and everything the fast path needs to avoid host syncs is laid out here:
         length buckets, the recurrence's step index, gather indices of the scored positions
         (:func:`~ctx2param.models.stream_adapter.collation_stream_adapter.layout_batch`; buckets follow
-        :attr:`bucket_max_padding` and :attr:`bucket_min_rows`).
+        ``config.bucket_max_padding`` and ``config.bucket_min_rows``).
 
         Returns:
             ``chunk_ids``/``chunk_mask`` ``[C, Tc]`` (all chunks of all examples, longest first),
@@ -696,7 +685,7 @@ class StreamAdapterModel(ContextAdaptationModel):
                     tuple(t_targets),
                 )
             )
-        return layout_batch(items, self.pad_token_id, self.bucket_max_padding, self.bucket_min_rows)
+        return layout_batch(items, self.pad_token_id, cfg.bucket_max_padding, cfg.bucket_min_rows)
 
     def encode_chunk_rows(self, chunks: Sequence[str]) -> list[list[int]]:
         """Token ids (with the tokenizer's special tokens) of checked chunks, unpadded."""
