@@ -44,7 +44,7 @@ from ctx2param.cli import main as ctx2param_main
 
 #: The generator's settings (``StreamAdapterConfig``; the first H200 run's, hub_scripts/gpu/NOTES.md): rank 16
 #: on all seven projections, a state of 16 x 64 per layer, B generated from the state, 256-token chunks.
-STREAM_ADAPTER = {
+SETTINGS = {
     "rank": 16,
     "state_dim": 64,
     "generated_factor": "B",
@@ -93,7 +93,7 @@ def command(args: argparse.Namespace) -> list[str]:
     """The ``ctx2param train`` command line of this recipe."""
     import torch
 
-    settings = dict(STREAM_ADAPTER)
+    settings = dict(SETTINGS)
     for item in args.settings:
         key, _, value = item.partition("=")
         try:

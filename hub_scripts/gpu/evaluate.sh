@@ -52,11 +52,8 @@ for name in $JOBS; do
     case "$name" in
         compas | dyprag) bg "eval_$name" python3 hub_scripts/train_compas.py --base "$BASE" --out "$RUNS/$name" \
             --eval-only --eval-squad 200 --eval-batch-size 50 ;;
-        stream_adapter) bg eval_stream_adapter bash -c 'for t in "sst2-k --n 300" "boolq-k --n 300" rte-k; do
-                python3 -m ctx2param eval --model "$0/stream_adapter" --base "$1" --task $t --k 16 --demo-seeds 3 \
-                    --systems closed,icl,stream --device cuda --dtype bfloat16 --no-progress \
-                    --out "$0/stream_adapter/eval/${t%% *}"
-            done' "$RUNS" "$BASE" ;;
+        stream_adapter) bg eval_stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" \
+            --out "$RUNS/stream_adapter" --eval-only --eval 300 ;;
     esac
 done
 wait
@@ -79,7 +76,6 @@ for name in $JOBS; do
     mkdir -p "$RESULTS/$name"
     cp "$RUNS/$name"/*.json "$RUNS/$name"/train_log.jsonl "$RUNS/$name"/*.png "$RESULTS/$name/" 2>/dev/null
     cp -r "$RUNS/$name/squad_eval" "$RESULTS/$name/" 2>/dev/null
-    cp -r "$RUNS/$name/eval" "$RESULTS/$name/" 2>/dev/null
     cp "$RUNS/$name.log" "$RESULTS/$name/train_stdout.log" 2>/dev/null
 done
 cp "$RUNS"/*.log "$RESULTS/" 2>/dev/null

@@ -4,8 +4,8 @@
     python hub_scripts/gpu/summary.py RESULTS_DIR
 
 Reads what ``train.sh`` / ``evaluate.sh`` gathered in RESULTS_DIR (``<run>/train_metrics.json``,
-``<run>/squad_eval/results.json``, ``stream_adapter/eval/<task>-k/results.json``,
-``baseline_*/results.json``); missing files are reported as missing, never guessed.
+``<run>/squad_eval/results.json``, ``<run>/heldout_eval.json``, ``baseline_*/results.json``); missing files
+are reported as missing, never guessed.
 """
 
 from __future__ import annotations
@@ -62,14 +62,14 @@ def squad_rows(root: Path) -> list[str]:
 
 
 def heldout_rows(root: Path) -> list[str]:
-    """StreamAdapter on the demonstration tasks (``ctx2param eval --task <task>-k``, run by evaluate.sh)."""
-    rows = []
-    for task in ("sst2-k", "boolq-k", "rte-k"):
-        path = root / "stream_adapter" / "eval" / task / "results.json"
-        majority = ((_read(path) or {}).get("baselines") or {}).get("majority_class")
-        extra = f" majority={100 * majority['accuracy']:.1f}" if majority else ""
-        rows.append(results_row(f"stream_adapter {task}", path) + extra)
-    return rows
+    data = _read(root / "stream_adapter" / "heldout_eval.json")
+    if data is None:
+        return ["stream_adapter: no heldout_eval.json"]
+    return [
+        f"stream_adapter held-out {task} (n={r['n']}): zero-shot {r['zero_shot']:.3f}, ICL {r['icl']:.3f}, "
+        f"StreamAdapter {r['stream_adapter']:.3f}, majority {r['majority_class']:.3f}"
+        for task, r in data["results"].items()
+    ]
 
 
 def results_row(label: str, path: Path) -> str:

@@ -30,7 +30,7 @@ TRAIN=(python3 hub_scripts/train_compas.py --base "$BASE" --data "$RUNS/compas_d
 wanted compas && launch compas "${TRAIN[@]}" --out "$RUNS/compas"
 wanted dyprag && launch dyprag "${TRAIN[@]}" --method dyprag --out "$RUNS/dyprag"
 wanted stream_adapter && launch stream_adapter python3 hub_scripts/train_stream_adapter.py --base "$BASE" \
-    --out "$RUNS/stream_adapter" --minutes "$MINUTES" --workers 5
+    --out "$RUNS/stream_adapter" --minutes "$MINUTES" --total-minutes "$MINUTES" --workers 5
 # closed-book / ICL baselines of the base model (inference only), in the background beside the trainings;
 # ARC-Easy / ARC-Challenge are done (benchmarks/results/baselines/). SQuAD-k and MMLU run in two parts each
 # so that they finish in the lease; the parts' results.json are merged afterwards (`ctx2param merge-results`).

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ...adapter import ContextAdapter, LoraFactors
 from ...errors import ContextError
@@ -867,9 +868,13 @@ class StreamAdapterModel(ContextAdaptationModel):
         batch = {
             k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
         }
-        state = self.batch_states(batch, reference=reference)
+        with record_function("ctx2param.generator"):
+            state = self.batch_states(batch, reference=reference)
+            if reference:
+                adapter = self.state_to_adapter(state)
+            else:
+                stacked = self.state_to_stacked(state)
         if reference:
-            adapter = self.state_to_adapter(state)
             with torch.no_grad():
                 teacher = self._answer_logits(
                     batch["teacher_ids"], batch["teacher_mask"], batch["teacher_targets"]
@@ -881,10 +886,10 @@ class StreamAdapterModel(ContextAdaptationModel):
             targets = batch["student_targets"][batch["student_targets"] != IGNORE_INDEX]
             teacher_targets = batch["teacher_targets"][batch["teacher_targets"] != IGNORE_INDEX]
         else:
-            stacked = self.state_to_stacked(state)
-            with torch.no_grad():
+            with torch.no_grad(), record_function("ctx2param.teacher"):
                 teacher = self._scored_logits(batch, "teacher")
-            student = self._scored_logits(batch, "student", stacked)
+            with record_function("ctx2param.student"):
+                student = self._scored_logits(batch, "student", stacked)
             targets = teacher_targets = batch["answer_targets"]
         if teacher.shape != student.shape:
             raise RuntimeError(
