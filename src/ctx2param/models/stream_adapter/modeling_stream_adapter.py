@@ -19,7 +19,12 @@ query heads per key/value head, ``hd`` head size, ``d_attn = kv · g · hd``.
 
 Training (``training_losses``): teacher = the base with the whole context and the query in its prompt;
 student = the base with the absorbed update and only the query; KL(teacher ‖ student) on the answer tokens
-plus the student's cross-entropy on them.
+plus the student's cross-entropy on them. The fast path (the default) keeps the updates stacked per module
+kind (:meth:`StreamAdapterModel.state_to_stacked`, a :class:`~ctx2param.stacked.StackedAdapter` attached with
+:func:`~ctx2param.injection.attach_stacked_adapter`), reads chunk, teacher and student rows in length
+buckets, folds all streams at once per step and gathers the scored positions by indices the collator made
+(:mod:`.collation_stream_adapter`), so that a step never waits for the host; ``reference=True`` computes the
+same numbers module by module.
 """
 
 from __future__ import annotations
