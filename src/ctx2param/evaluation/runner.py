@@ -13,8 +13,9 @@ Systems (``SYSTEMS``):
   (``ContextAdapter.__add__``), applied per example in a batch (:func:`ctx2param.stack`). Any registered
   method works. Adapters of repeated contexts (MMLU demonstrations) are cached within a run.
 - ``stream``: a StreamAdapter generator (anything with ``stream()`` and ``chunk()``): each example's
-  contexts are chunked and streamed into one fixed-size adapter, examples side by side in one batched
-  stream.
+  contexts, joined by the separator as StreamAdapter's teacher reads them in training, are chunked and
+  streamed into one fixed-size adapter, examples side by side in one batched stream; examples with the same
+  contexts (a demonstration task's shared set) share one stream, and streams are cached within a run.
 
 At k = 0 (MC tasks: zero-shot) only ``closed`` is meaningful: ``icl``, ``adapter`` and ``stream`` are skipped
 with a note.
@@ -29,17 +30,30 @@ prefill whatever its number of choices. Batches are sorted by prompt length (lon
 problems show at once) and bounded by a token budget (``score_tokens``).
 
 Prompts go through the chat template when the tokenizer has one: the model's own ``prompt_ids`` when it
-has it (CompAs), else :meth:`EvalModel.prompt_ids`, which builds the same format. Inference runs under
+has it (CompAs), else :meth:`EvalModel.prompt_ids`, which builds the same format. Tasks whose protocol is
+plain text (the demonstration tasks ``<task>-k``) join contexts and query with a blank line and tokenize
+them with the tokenizer's own special tokens, for every model and system. Inference runs under
 ``torch.no_grad()``, with bf16 autocast on CUDA.
+
+Demonstration tasks: ``demo_seeds`` sets of demonstrations are evaluated one after the other (closed book,
+which reads none, once); a row's ``scores`` are the mean over the sets, ``scores_std`` their standard
+deviation (n − 1), and ``demo_sets`` lists each set's demonstrations and scores, the share of each
+predicted choice (``choice_counts``) and the content-free prior of the label words (``content_free``: the
+task's template filled with "N/A", read with the same contexts or adapter; Zhao et al. 2021). With
+``calibrate`` the choices are scored against that prior (contextual calibration: length-normalised
+log-likelihood minus the content-free one); by default it is only measured. ``results.json`` also carries
+the majority-class baseline of the evaluated questions (``baselines``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,7 +65,7 @@ from ..environment import hardware_info, library_versions
 from ..injection import apply_adapter
 from ..modules import context_window, text_config
 from .metrics import rouge_l, squad_metrics, token_accuracy
-from .tasks import EvalItem, TaskSpec, get_task
+from .tasks import TASKS, EvalItem, TaskSpec, get_task
 
 _SAMPLE_BYTES = 1 << 20  # bytes of each weight file's data hashed at its start and at its end
 
@@ -125,6 +139,9 @@ class EvalConfig:
         window: context window for the ICL cut (default: the model's ``max_position_embeddings``).
         progress: show tqdm progress bars.
         num_samples: sample predictions recorded per (system, k).
+        demo_seeds: demonstration sets per (system, k) of a demonstration task (mean ± std).
+        calibrate: score choices against the content-free prior of the label words (tasks with fixed label
+            words only); the default only measures that prior.
     """
 
     task: str
@@ -138,6 +155,8 @@ class EvalConfig:
     window: int | None = None
     progress: bool = True
     num_samples: int = 3
+    demo_seeds: int = 1
+    calibrate: bool = False
 
     def validate(self) -> TaskSpec:
         """Check every setting; returns the task's spec. Raises ``ValueError`` naming the bad setting."""
@@ -172,6 +191,19 @@ class EvalConfig:
                 isinstance(value, bool) or not isinstance(value, int) or value < minimum
             ):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        if isinstance(self.demo_seeds, bool) or not isinstance(self.demo_seeds, int) or self.demo_seeds < 1:
+            raise ValueError(f"demo_seeds must be an integer >= 1, got {self.demo_seeds!r}.")
+        if self.demo_seeds > 1 and not spec.demo_sets:
+            demo_tasks = ", ".join(name for name, t in TASKS.items() if t.demo_sets)
+            raise ValueError(
+                f"--demo-seeds applies to tasks with shared demonstration sets ({demo_tasks}); {spec.name} "
+                "draws its demonstrations per question."
+            )
+        if self.calibrate and spec.content_free is None:
+            raise ValueError(
+                f"{spec.name} has no content-free input to calibrate against (calibration needs fixed label "
+                "words: sst2-k, rte-k, cb-k, boolq-k, mrpc-k)."
+            )
         if spec.kind == "reconstruct" and "adapter" not in self.systems:
             raise ValueError(
                 "The reconstruction task scores a generator's decoder on its adapters: use --systems adapter."
@@ -357,13 +389,20 @@ class EvalModel:
             self._start = plain_start_ids(self.tokenizer, self.pad_id)
         return list(self._start)
 
-    def prompt_ids(self, queries: Sequence[str], contexts: Sequence[Sequence[str]]) -> list[list[int]]:
+    def prompt_ids(
+        self, queries: Sequence[str], contexts: Sequence[Sequence[str]], plain: bool = False
+    ) -> list[list[int]]:
         """Token ids of the prompts ``contexts[i]`` + ``queries[i]`` (a batch, tokenized together).
 
         With a chat template: one user turn holding the contexts and the query joined by a blank line, then
         the generation prompt. Otherwise the tokenizer's start token(s) and the joined text. A generator's
         own ``prompt_ids`` (CompAs) is used when it has one, so the format is the one it was trained with.
+        ``plain``: contexts and query joined by a blank line and tokenized with the tokenizer's own special
+        tokens (no chat template, no start token added), whatever the model.
         """
+        if plain:
+            bodies = [SEPARATOR.join([*c, q]) for q, c in zip(queries, contexts, strict=True)]
+            return [list(ids) for ids in self.tokenizer(bodies, add_special_tokens=True)["input_ids"]]
         own = getattr(self.generator, "prompt_ids", None)
         if callable(own):
             return [list(own(q, list(c))) for q, c in zip(queries, contexts, strict=True)]
@@ -379,10 +418,11 @@ class EvalModel:
         start = self._start_ids()
         return [start + ids for ids in self._content_ids(bodies)]
 
-    def choice_ids(self, query: str, choices: Sequence[str]) -> list[list[int]]:
+    def choice_ids(self, query: str, choices: Sequence[str], plain: bool = False) -> list[list[int]]:
         """Token ids of each choice as scored after the prompt of ``query``: the bare choice after a chat
-        template's generation prompt, else with a leading space (none when the query ends in whitespace)."""
-        if self.chat or (query and query[-1].isspace()):
+        template's generation prompt, else (and with ``plain``) with a leading space (none when the query
+        ends in whitespace)."""
+        if (self.chat and not plain) or (query and query[-1].isspace()):
             texts = [c.strip() for c in choices]
         else:
             texts = [" " + c.strip() for c in choices]
@@ -393,7 +433,7 @@ class EvalModel:
         return ids
 
     def fit_prompt(
-        self, query: str, contexts: Sequence[str], ids: list[int], limit: int, mode: str
+        self, query: str, contexts: Sequence[str], ids: list[int], limit: int, mode: str, plain: bool = False
     ) -> tuple[list[int], bool]:
         """``(ids, cut)``: the prompt made to fit in ``limit`` tokens (see the module docstring)."""
         if len(ids) <= limit:
@@ -402,14 +442,14 @@ class EvalModel:
         if mode == "drop":
             while kept and len(ids) > limit:
                 kept.pop()
-                ids = self.prompt_ids([query], [kept])[0]
+                ids = self.prompt_ids([query], [kept], plain)[0]
         else:
             for _ in range(12):
                 if len(ids) <= limit or not any(kept):
                     break
                 ratio = 0.97 * limit / len(ids)
                 kept = [c[: int(len(c) * ratio)] for c in kept]
-                ids = self.prompt_ids([query], [kept])[0]
+                ids = self.prompt_ids([query], [kept], plain)[0]
         if len(ids) > limit:  # the query alone does not fit: keep its last tokens
             ids = ids[len(ids) - limit :]
         return ids, True
@@ -640,13 +680,18 @@ def _sync(device: torch.device) -> None:
 
 class _AdapterMaker:
     """Per-example adapters for a batch: the sum of each example's context adapters (``adapter``) or one
-    stream per example (``stream``); context adapters are cached by text (FIFO, ``cache_size`` entries)."""
+    stream per example (``stream``: its contexts joined by ``separator``, as StreamAdapter's teacher reads
+    them in training); context adapters and streams are cached by text (FIFO, ``cache_size`` entries)."""
 
-    def __init__(self, generator: Any, device: torch.device, cache_size: int = 256) -> None:
+    def __init__(
+        self, generator: Any, device: torch.device, cache_size: int = 256, separator: str = SEPARATOR
+    ) -> None:
         self.generator = generator
         self.device = device
         self.cache: dict[str, ContextAdapter] = {}
+        self.streams: dict[str, ContextAdapter] = {}
         self.cache_size = cache_size
+        self.separator = separator
         self.seconds = 0.0
 
     def summed(self, items: Sequence[EvalItem]) -> ContextAdapter:
@@ -671,13 +716,22 @@ class _AdapterMaker:
         return adapter
 
     def streamed(self, items: Sequence[EvalItem]) -> ContextAdapter:
+        """One streamed adapter per example (batched), or a single one when every example has the same
+        contexts; each distinct text is streamed once (one batched stream for the new ones)."""
         start = time.perf_counter()
-        chunks = [[piece for c in item.contexts for piece in self.generator.chunk(c)] for item in items]
-        stream = self.generator.stream(batch_size=len(items))
-        with torch.no_grad():
-            for step in range(max(len(c) for c in chunks)):
-                stream.update([c[step] if step < len(c) else None for c in chunks])
-            adapter = stream.adapter().to(device=self.device)
+        texts = [self.separator.join(item.contexts) for item in items]
+        missing = list(dict.fromkeys(t for t in texts if t not in self.streams))
+        made: dict[str, ContextAdapter] = {}
+        if missing:
+            with torch.no_grad():
+                made = dict(zip(missing, self.generator.generate_adapter(missing), strict=True))
+            for text, adapter in made.items():
+                if len(self.streams) >= self.cache_size:
+                    self.streams.pop(next(iter(self.streams)))
+                self.streams[text] = adapter.detach()
+        found = {t: made[t] if t in made else self.streams[t] for t in dict.fromkeys(texts)}
+        adapter = found[texts[0]] if len(found) == 1 else stack([found[t] for t in texts])
+        adapter = adapter.to(device=self.device)
         _sync(self.device)
         self.seconds += time.perf_counter() - start
         return adapter
@@ -695,6 +749,7 @@ class _Run:
         self.score_tokens = config.score_tokens or (131072 if self.device.type == "cuda" else 4096)
         self.max_items = 512 if self.device.type == "cuda" else 64
         self.maker: _AdapterMaker | None = None  # made on first use (generators only)
+        self.plain = spec.prompt_format == "plain"
 
     def _progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
@@ -703,7 +758,7 @@ class _Run:
 
     def _maker(self) -> _AdapterMaker:
         if self.maker is None:
-            self.maker = _AdapterMaker(self.model.generator, self.device)
+            self.maker = _AdapterMaker(self.model.generator, self.device, separator=self.model.separator)
         return self.maker
 
     @property
@@ -715,16 +770,42 @@ class _Run:
         """Prompt ids of every item for ``system`` and the number of prompts cut to the window."""
         with_context = system == "icl"
         contexts = [item.contexts if with_context else () for item in items]
-        ids = self.model.prompt_ids([item.query for item in items], contexts)
+        ids = self.model.prompt_ids([item.query for item in items], contexts, self.plain)
         window = self.model.window
         if window is None:
             return ids, 0
         limit = max(1, window - reserve)
         cut = 0
         for i, item in enumerate(items):
-            ids[i], was_cut = self.model.fit_prompt(item.query, contexts[i], ids[i], limit, self.spec.cut)
+            ids[i], was_cut = self.model.fit_prompt(
+                item.query, contexts[i], ids[i], limit, self.spec.cut, self.plain
+            )
             cut += was_cut
         return ids, cut
+
+    def content_free_prior(self, items: Sequence[EvalItem], system: str) -> dict[str, Any] | None:
+        """The length-normalised log-likelihood of each label word after the task's content-free query,
+        read as ``system`` reads the items (with their shared contexts in the prompt for ICL, with their
+        adapter attached for ``adapter`` / ``stream``); None when the task has no content-free input or the
+        items do not share their choices and contexts."""
+        if self.spec.content_free is None or self.spec.kind != "choice":
+            return None
+        first = items[0]
+        if any(item.choices != first.choices or item.contexts != first.contexts for item in items):
+            return None
+        probe = replace(first, id="content-free", query=self.spec.content_free(), label=-1)
+        choice_ids = self.model.choice_ids(probe.query, probe.choices, self.plain)
+        prompts, _ = self.prompts([probe], system, max(len(c) for c in choice_ids))
+        adapter = self.adapter_for(system, [probe])
+        scores = choice_logprobs(self.model.lm, prompts, [choice_ids], self.model.pad_id, adapter)[0]
+        logprob = [s / c for s, c in scores]
+        top = max(logprob)
+        weights = [math.exp(v - top) for v in logprob]
+        return {
+            "query": probe.query,
+            "logprob": dict(zip(probe.choices, logprob, strict=True)),
+            "prob": {c: w / sum(weights) for c, w in zip(probe.choices, weights, strict=True)},
+        }
 
     def adapter_for(self, system: str, items: Sequence[EvalItem]) -> ContextAdapter | None:
         if system == "adapter":
@@ -735,7 +816,7 @@ class _Run:
 
     # ---------------------------------------------------------------------------------------- kinds
     def run_choice(self, items: list[EvalItem], system: str, k: int) -> tuple[list[Any], dict[str, Any]]:
-        choice_ids = [self.model.choice_ids(item.query, item.choices) for item in items]
+        choice_ids = [self.model.choice_ids(item.query, item.choices, self.plain) for item in items]
         reserve = max(len(c) for options in choice_ids for c in options)
         prompts, cut = self.prompts(items, system, reserve)
         lengths = [len(p) for p in prompts]
@@ -749,6 +830,8 @@ class _Run:
             )
             step = max(1, choice_budget // per_row)
             batches += [batch[s : s + step] for s in range(0, len(batch), step)]
+        prior = self.content_free_prior(items, system)
+        offset = list(prior["logprob"].values()) if prior is not None and self.config.calibrate else None
         predictions: list[Any] = [None] * len(items)
         with self._progress(len(items), f"{self.spec.name} {system} k={k}") as bar:
             for batch in batches:
@@ -760,11 +843,18 @@ class _Run:
                 )  # fmt: skip
                 for i, row in zip(batch, scores, strict=True):
                     normalised = [s / c for s, c in row]
+                    if offset is not None:  # contextual calibration: against the content-free prior
+                        normalised = [v - o for v, o in zip(normalised, offset, strict=True)]
                     predictions[i] = max(range(len(normalised)), key=normalised.__getitem__)
                 bar.update(len(batch))
         correct = [int(p == item.label) for p, item in zip(predictions, items, strict=True)]
-        stats = {"scores": {"accuracy": sum(correct) / len(items)}, "prompts_cut": cut}
+        stats: dict[str, Any] = {"scores": {"accuracy": sum(correct) / len(items)}, "prompts_cut": cut}
         stats.update(_length_stats(lengths))
+        counts = Counter(item.choices[p] for p, item in zip(predictions, items, strict=True))
+        if len({item.choices for item in items}) == 1:
+            stats["choice_counts"] = {c: counts.get(c, 0) for c in items[0].choices}
+        if prior is not None:
+            stats["content_free"] = prior
         return [item.choices[p] for p, item in zip(predictions, items, strict=True)], stats
 
     def run_generate(self, items: list[EvalItem], system: str, k: int) -> tuple[list[Any], dict[str, Any]]:
@@ -832,6 +922,73 @@ def _length_stats(lengths: Sequence[int]) -> dict[str, float | int]:
     return {"prompt_tokens_mean": sum(lengths) / len(lengths), "prompt_tokens_max": max(lengths)}
 
 
+def _baselines(items: Sequence[EvalItem], spec: TaskSpec) -> dict[str, Any]:
+    """The majority-class baseline of a choice task whose questions share their choices (always answering
+    the most frequent gold label of the evaluated questions), else nothing."""
+    if spec.kind != "choice" or len({item.choices for item in items}) != 1:
+        return {}
+    counts = Counter(item.label for item in items)
+    label, count = max(sorted(counts.items()), key=lambda kv: kv[1])
+    return {
+        "majority_class": {
+            "accuracy": count / len(items),
+            "choice": items[0].choices[label],
+            "label_counts": {c: counts.get(i, 0) for i, c in enumerate(items[0].choices)},
+        }
+    }
+
+
+def _row(
+    system: str,
+    k: int,
+    runs: Sequence[tuple[Sequence[EvalItem], list[Any], dict[str, Any], float, float]],
+    spec: TaskSpec,
+    seed: int,
+) -> dict[str, Any]:
+    """One results row from the runs of a (system, k): one run, or one per demonstration set (then
+    ``scores`` are the mean, ``scores_std`` the standard deviation and ``demo_sets`` each set's numbers)."""
+    stats = [r[2] for r in runs]
+    n = len(runs[0][0])
+    wall = sum(r[3] for r in runs)
+    scores = {m: sum(s["scores"][m] for s in stats) / len(stats) for m in stats[0]["scores"]}
+    row: dict[str, Any] = {"system": system, "k": k, "n": n}
+    if len(runs) == 1 and not spec.demo_sets:
+        row.update(stats[0])
+    else:
+        row["scores"] = scores
+        row["scores_std"] = {
+            m: (sum((s["scores"][m] - v) ** 2 for s in stats) / max(1, len(stats) - 1)) ** 0.5
+            for m, v in scores.items()
+        }
+        row["prompts_cut"] = sum(s["prompts_cut"] for s in stats)
+        row["prompt_tokens_mean"] = sum(s["prompt_tokens_mean"] for s in stats) / len(stats)
+        row["prompt_tokens_max"] = max(s["prompt_tokens_max"] for s in stats)
+        if all("choice_counts" in s for s in stats):
+            row["choice_counts"] = {
+                c: sum(s["choice_counts"][c] for s in stats) for c in stats[0]["choice_counts"]
+            }
+        row["demo_sets"] = [
+            {
+                "demo_set": j,
+                "demo_seed": seed + j,
+                "demo_ids": list(items[0].demo_ids) if items else [],
+                "wall_time_s": run_wall,
+                "adapter_time_s": adapter_time,
+                **{key: value for key, value in s.items() if not key.startswith("prompt_tokens")},
+            }
+            for j, (items, _, s, run_wall, adapter_time) in enumerate(runs)
+        ]
+    row.update(
+        {
+            "wall_time_s": wall,
+            "time_per_query_s": wall / (n * len(runs)),
+            "adapter_time_s": sum(r[4] for r in runs) if system != "closed" else 0.0,
+            "reused_from_k": None,
+        }
+    )
+    return row
+
+
 def _sample(item: EvalItem, prediction: Any, spec: TaskSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"id": item.id, "query": item.query[-300:], "prediction": prediction}
     if spec.kind == "choice":
@@ -874,16 +1031,27 @@ def run_evaluation(
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     closed_row: dict[str, Any] | None = None
+    baselines: dict[str, Any] | None = None
     started = time.perf_counter()
 
     def snapshot(complete: bool) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
-        return _results_dict(model, config, spec, run, ks, systems, rows, samples, notes, elapsed, complete)
+        data = _results_dict(model, config, spec, run, ks, systems, rows, samples, notes, elapsed, complete)
+        if baselines:
+            data["baselines"] = baselines
+        return data
 
+    sets = config.demo_seeds if spec.demo_sets else 1
     for k in ks:
-        items = spec.build(k, config.n, config.seed)
+        if spec.demo_sets:
+            item_sets = [spec.build(k, config.n, config.seed, demo_set=j) for j in range(sets)]
+        else:
+            item_sets = [spec.build(k, config.n, config.seed)]
+        items = item_sets[0]
         if not items:
             raise ValueError(f"{spec.name} built no items for k={k}.")
+        if baselines is None:
+            baselines = _baselines(items, spec)
         for system in systems:
             if k == 0 and system != "closed":
                 notes.append(f"k=0 (zero-shot): {system} equals closed book and was skipped.")
@@ -891,35 +1059,43 @@ def run_evaluation(
             if system == "closed" and closed_row is not None:
                 rows.append({**closed_row, "k": k, "reused_from_k": closed_row["k"]})
                 continue
-            adapter_before = run.adapter_seconds
-            _sync(run.device)
-            t0 = time.perf_counter()
-            predictions, stats = run.run(items, system, k)
-            _sync(run.device)
-            wall = time.perf_counter() - t0
-            row = {
-                "system": system,
-                "k": k,
-                "n": len(items),
-                **stats,
-                "wall_time_s": wall,
-                "time_per_query_s": wall / len(items),
-                "adapter_time_s": run.adapter_seconds - adapter_before if system != "closed" else 0.0,
-                "reused_from_k": None,
-            }
+            runs = []
+            for set_items in item_sets[:1] if system == "closed" else item_sets:
+                adapter_before = run.adapter_seconds
+                _sync(run.device)
+                t0 = time.perf_counter()
+                predictions, stats = run.run(set_items, system, k)
+                _sync(run.device)
+                wall = time.perf_counter() - t0
+                adapter_time = run.adapter_seconds - adapter_before if system != "closed" else 0.0
+                runs.append((set_items, predictions, stats, wall, adapter_time))
+            row = _row(system, k, runs, spec, config.seed)
             rows.append(row)
             if system == "closed":
                 closed_row = row
+            predictions = runs[0][1]
             for item, prediction in list(zip(items, predictions, strict=True))[: config.num_samples]:
                 samples.append({"system": system, "k": k, **_sample(item, prediction, spec)})
             if log is not None:
-                scores = ", ".join(f"{m} {v:.4f}" for m, v in stats["scores"].items())
+                spread = row.get("scores_std") or {}
+                scores = ", ".join(
+                    f"{m} {v:.4f}" + (f" ± {spread[m]:.4f}" if len(runs) > 1 else "")
+                    for m, v in row["scores"].items()
+                )
+                sets_note = f", {len(runs)} demonstration sets" if len(runs) > 1 else ""
                 log(
-                    f"{spec.name} {system} k={k}: {scores} ({wall:.1f} s, {stats['prompts_cut']} prompts cut)"
+                    f"{spec.name} {system} k={k}: {scores} ({row['wall_time_s']:.1f} s, "
+                    f"{row['prompts_cut']} prompts cut{sets_note})"
                 )
             if on_row is not None:
                 on_row(snapshot(complete=False))
     return snapshot(complete=True)
+
+
+def _prompt_format(model: EvalModel, spec: TaskSpec) -> str:
+    if spec.prompt_format == "plain":
+        return "plain text (the tokenizer's own special tokens)"
+    return "chat template (one user turn)" if model.chat else "plain text"
 
 
 def _results_dict(
@@ -964,8 +1140,10 @@ def _results_dict(
             "choice_normalisation": "sum of choice-token log-probs / number of choice tokens"
             if spec.kind == "choice"
             else None,
-            "prompt_format": "chat template (one user turn)" if model.chat else "plain text",
-            "context_separator": model.separator,
+            "prompt_format": _prompt_format(model, spec),
+            "context_separator": SEPARATOR if spec.prompt_format == "plain" else model.separator,
+            "demo_seeds": config.demo_seeds if spec.demo_sets else None,
+            "calibration": "content-free (N/A) prior subtracted" if config.calibrate else None,
         },
         "environment": {
             "device": str(run.device),

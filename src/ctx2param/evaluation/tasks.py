@@ -16,6 +16,17 @@ Task               Kind       Items
 ``boolq``          choice     BoolQ held-out half (CC BY-SA 3.0; :func:`~.datasets.heldout_split` keyed
                               on the passage: the other half is training data); the passage is the one
                               context; choices ``no`` / ``yes``. k is not used (always 1 passage).
+``sst2-k``,        choice     Demonstration tasks: the held-out half of each classification set
+``rte-k``,                    (:func:`~.datasets.load_classification`, its templates and label words;
+``cb-k``,                     the hash split of :func:`~.datasets.heldout_split`, as the training data
+``copa-k``,                   uses it) with ONE set of k demonstrations from the train half shared by all
+``boolq-k``,                  questions (``demo_set`` j of seed s: the train half shuffled by
+``mrpc-k``                    ``seeded_rng("stream-adapter/eval-demos", s + j, task)``, its first k); the
+                              questions a seeded shuffle (``"stream-adapter/eval-sample"``) cut to n.
+                              Plain-text prompts (the tokenizer's own special tokens, no chat
+                              template), contexts joined by blank lines: the protocol of the first
+                              StreamAdapter evaluation (``hub_scripts/train_stream_adapter.py`` before
+                              it became a recipe), so its numbers compare. k >= 0.
 ``reconstruction`` reconstruct  BoolQ held-out passages (distinct); the decoder reads each passage back
                               out of its adapter; token accuracy and ROUGE-L. k is not used.
 =================  =========  =====================================================================
@@ -23,7 +34,9 @@ Task               Kind       Items
 Sampling is deterministic given the seed: SQuAD-k uses the loaders' own seeded draws; MC questions are a
 seeded subsample (:func:`~.datasets.seeded_rng`) of the test split when ``n`` is given (all when ``None``),
 demonstrations come from :func:`~.datasets.build_mc_k` (the draw for a smaller k is a prefix of the draw for
-a larger one, and the questions are the same for every k).
+a larger one, and the questions are the same for every k). The demonstration tasks draw one demonstration
+set per ``demo_set`` (``ctx2param eval --demo-seeds N``: sets 0..N-1, mean ± std); there too a smaller k's
+set is a prefix of a larger one's and the questions do not depend on k or the set.
 """
 
 from __future__ import annotations
@@ -35,8 +48,10 @@ from typing import Literal
 from .datasets import (
     build_mc_k,
     build_squad_k,
+    content_free_example,
     heldout_split,
     load_boolq,
+    load_classification,
     load_mc,
     load_squad,
     seeded_rng,
@@ -59,6 +74,7 @@ class EvalItem:
         choices: answer options (``choice``), scored as continuations of the prompt.
         label: index of the correct choice (``choice``), else -1.
         subject: MMLU subject / task name, when there is one.
+        demo_ids: ids of the demonstrations in ``contexts`` (demonstration tasks), else empty.
     """
 
     id: str
@@ -68,6 +84,7 @@ class EvalItem:
     choices: tuple[str, ...] = ()
     label: int = -1
     subject: str | None = None
+    demo_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,14 @@ class TaskSpec:
         uses_k: False when k means nothing (boolq, reconstruction: one passage per item).
         cut: how an ICL prompt that exceeds the window is cut: ``"shorten"`` (every context shortened
             alike, from its end) or ``"drop"`` (demonstrations dropped from the last one).
-        build: ``(k, n, seed) -> items``.
+        build: ``(k, n, seed) -> items`` (demonstration tasks also take ``demo_set=j``).
         size: number of available evaluation items (``n`` may not exceed it).
+        prompt_format: ``"model"`` (the generator's own prompt format, else the tokenizer's chat template,
+            else plain text after the start token) or ``"plain"`` (the contexts and the query joined as
+            plain text with the tokenizer's own special tokens, for every model and system).
+        demo_sets: the items share one demonstration set, drawn anew per ``demo_set``.
+        content_free: the task's query with every input replaced by "N/A" (contextual calibration), when
+            the task has fixed label words; else None.
     """
 
     name: str
@@ -96,8 +119,11 @@ class TaskSpec:
     min_k: int
     uses_k: bool
     cut: Literal["shorten", "drop"]
-    build: Callable[[int, int | None, int], list[EvalItem]]
+    build: Callable[..., list[EvalItem]]
     size: Callable[[], int]
+    prompt_format: Literal["model", "plain"] = "model"
+    demo_sets: bool = False
+    content_free: Callable[[], str] | None = None
 
 
 def _check_n(n: int | None, available: int, task: str) -> int:
@@ -177,6 +203,55 @@ def _boolq(k: int, n: int | None, seed: int) -> list[EvalItem]:
     ]
 
 
+#: The seeded draws of the demonstration tasks, named as the first StreamAdapter evaluation named them (so
+#: that the same questions and demonstration sets come out and old and new numbers compare).
+DEMO_SAMPLE_RNG = "stream-adapter/eval-sample"
+DEMO_SET_RNG = "stream-adapter/eval-demos"
+
+
+def _demonstration_task(task: str) -> Callable[..., list[EvalItem]]:
+    name = f"{task}-k"
+
+    def build(k: int, n: int | None, seed: int, demo_set: int = 0) -> list[EvalItem]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"{name} needs k >= 0 demonstrations, got k={k}.")
+        if isinstance(demo_set, bool) or not isinstance(demo_set, int) or demo_set < 0:
+            raise ValueError(f"demo_set must be an integer >= 0, got {demo_set!r}.")
+        examples = load_classification(task)
+        questions = heldout_split(examples, "heldout")
+        seeded_rng(DEMO_SAMPLE_RNG, seed, task).shuffle(questions)
+        questions = questions[: _check_n(n, len(questions), name)]
+        pool = heldout_split(examples, "train")
+        if k > len(pool):
+            raise ValueError(f"{name}: k={k} exceeds the {len(pool)} examples of the train half.")
+        seeded_rng(DEMO_SET_RNG, seed + demo_set, task).shuffle(pool)
+        demos = pool[:k]
+        contexts = tuple(d.demonstration() for d in demos)
+        return [
+            EvalItem(
+                id=q.id,
+                query=q.prompt(),
+                contexts=contexts,
+                choices=q.choices,
+                label=q.label,
+                subject=task,
+                demo_ids=tuple(d.id for d in demos),
+            )
+            for q in questions
+        ]
+
+    return build
+
+
+def _demonstration_spec(task: str, dataset: str) -> TaskSpec:
+    content_free = None if task == "copa" else (lambda: content_free_example(task).prompt())
+    return TaskSpec(
+        f"{task}-k", "choice", "validation (held-out half)", dataset, ("accuracy",), 0, True, "drop",
+        _demonstration_task(task), lambda: len(heldout_split(load_classification(task), "heldout")),
+        prompt_format="plain", demo_sets=True, content_free=content_free,
+    )  # fmt: skip
+
+
 def _passages() -> list[str]:
     return list(dict.fromkeys(ex.passage for ex in _boolq_heldout()))
 
@@ -216,6 +291,15 @@ TASKS: dict[str, TaskSpec] = {
         1, False, "shorten", _reconstruction, lambda: len(_passages()),
     ),
 }  # fmt: skip
+for _task, _dataset in (
+    ("sst2", "SST-2 (GLUE; Stanford Sentiment Treebank terms)"),
+    ("rte", "RTE (GLUE; PASCAL RTE terms)"),
+    ("cb", "CB (SuperGLUE; CommitmentBank terms)"),
+    ("copa", "COPA (SuperGLUE; BSD 2-Clause)"),
+    ("boolq", "BoolQ (CC BY-SA 3.0)"),
+    ("mrpc", "MRPC (GLUE; Microsoft Research Paraphrase Corpus terms)"),
+):
+    TASKS[f"{_task}-k"] = _demonstration_spec(_task, _dataset)
 
 
 def get_task(name: str) -> TaskSpec:
@@ -226,7 +310,14 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[key]
 
 
-def build_items(task: str, k: int, n: int | None = None, seed: int = 0) -> list[EvalItem]:
-    """The evaluated items of ``task`` with ``k`` contexts each (deterministic given ``seed``)."""
+def build_items(
+    task: str, k: int, n: int | None = None, seed: int = 0, demo_set: int | None = None
+) -> list[EvalItem]:
+    """The evaluated items of ``task`` with ``k`` contexts each (deterministic given ``seed``; demonstration
+    tasks: demonstration set ``demo_set``, default 0)."""
     spec = get_task(task)
-    return spec.build(k, n, seed)
+    if demo_set is None:
+        return spec.build(k, n, seed)
+    if not spec.demo_sets:
+        raise ValueError(f"{spec.name} has no demonstration sets: demo_set applies to the <task>-k tasks.")
+    return spec.build(k, n, seed, demo_set=demo_set)

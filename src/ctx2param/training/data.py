@@ -699,7 +699,12 @@ def passage_pool(
 
 
 def demonstration_examples(
-    task: str, k: int, seed: int = 0, frac: float = 0.5, part: Literal["train", "heldout"] = "train"
+    task: str,
+    k: int | Sequence[int],
+    seed: int = 0,
+    frac: float = 0.5,
+    part: Literal["train", "heldout"] = "train",
+    draws: int = 1,
 ) -> list[TrainingExample]:
     """Task-adaptation examples: ``k`` solved demonstrations as contexts, a new input as the query.
 
@@ -709,21 +714,41 @@ def demonstration_examples(
     query is the example's prompt and the answer its verbalised label.
 
     Args:
-        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"`` or ``"boolq"``.
-        k: demonstrations per example, >= 1.
+        task: ``"sst2"``, ``"rte"``, ``"cb"``, ``"copa"``, ``"boolq"`` or ``"mrpc"``.
+        k: demonstrations per example, >= 1; or a set of counts (e.g. ``(1, 2, 4, 8, 16)``): each example
+            then keeps the first ``k`` of ``max(k)`` drawn demonstrations, with ``k`` chosen from the set by
+            a generator seeded by (draw seed, example id), so that one data set covers several context
+            lengths.
         seed: the seed.
         frac: held-out fraction of the split.
         part: which part to build from (``"heldout"`` only to evaluate).
+        draws: independent demonstration draws per example (seeds ``seed``, ``seed + 1``, ...): ``draws``
+            examples per input, each with its own demonstrations (and count).
+
+    Returns:
+        ``draws`` examples per input of the part (draw by draw); ``source`` is
+        ``"demonstrations:<id>"``, with ``"/draw<d>/k<k>"`` appended when ``k`` is a set or ``draws > 1``.
+
+    Raises:
+        ValueError: the part has fewer than ``max(k) + 1`` examples.
     """
-    _check_positive("k", k)
+    counts = [k] if isinstance(k, int) else list(k)
+    if not counts:
+        raise ValueError("k is an empty set of demonstration counts: give at least one, e.g. [1, 2, 4].")
+    for count in counts:
+        _check_positive("k", count)
+    draws = _check_positive("draws", draws)
+    tagged = not isinstance(k, int) or draws > 1
     examples = heldout_split(load_classification(task), part, frac=frac)
-    items = build_mc_k(examples, examples, k, seed=seed)
-    return [
-        TrainingExample(
-            tuple(item.demonstration_texts()),
-            item.prompt(),
-            item.choices[item.label],
-            source=f"demonstrations:{item.id}",
-        )
-        for item in items
-    ]
+    out = []
+    for draw in range(draws):
+        draw_seed = seed + draw
+        for item in build_mc_k(examples, examples, max(counts), seed=draw_seed):
+            count = seeded_rng("demonstrations/k", draw_seed, item.id).choice(counts) if tagged else counts[0]
+            source = f"demonstrations:{item.id}" + (f"/draw{draw}/k{count}" if tagged else "")
+            out.append(
+                TrainingExample(
+                    tuple(item.demonstration_texts()[:count]), item.prompt(), item.choices[item.label], source
+                )
+            )
+    return out

@@ -243,16 +243,25 @@ PASS_MASKS = (
 )
 
 
+def _buckets_key(mask_key: str) -> str:
+    """``chunk_attention_mask`` / ``chunk_mask`` -> ``chunk_buckets`` (the pass's length buckets)."""
+    for suffix in ("_attention_mask", "_mask"):
+        if mask_key.endswith(suffix):
+            return mask_key.removesuffix(suffix) + "_buckets"
+    return mask_key + "_buckets"
+
+
 def token_slots(inputs: dict[str, Any]) -> tuple[float, float]:
-    """``(real tokens, token slots)`` the passes of a step compute: slots count padding too (a chunk batch
-    read in length buckets, ``chunk_buckets``, pays only for each bucket's own width)."""
+    """``(real tokens, token slots)`` the passes of a step compute: slots count padding too (a pass read in
+    length buckets, ``<pass>_buckets`` beside its ``<pass>_attention_mask`` or ``<pass>_mask``, e.g.
+    ``chunk_buckets``, pays only for each bucket's own width)."""
     real = slots = 0.0
     for key in PASS_MASKS:
         mask = inputs.get(key)
         if not isinstance(mask, torch.Tensor):
             continue
         real += float(mask.sum())
-        buckets = inputs.get("chunk_buckets") if key == "chunk_attention_mask" else None
+        buckets = inputs.get(_buckets_key(key))
         slots += float(sum((e - s) * w for s, e, w in buckets)) if buckets else float(mask.numel())
     return real, slots
 

@@ -3,8 +3,8 @@ low-rank weight update. Importing this package registers the method with ``AutoM
 
 from ...modeling_utils import register_method
 from .configuration_stream_adapter import StreamAdapterConfig
-from .modeling_stream_adapter import AdapterStream, StreamAdapterModel
+from .modeling_stream_adapter import AdapterStream, StreamAdapterLayout, StreamAdapterModel
 
 register_method(StreamAdapterConfig, StreamAdapterModel, exist_ok=True)
 
-__all__ = ["AdapterStream", "StreamAdapterConfig", "StreamAdapterModel"]
+__all__ = ["AdapterStream", "StreamAdapterConfig", "StreamAdapterLayout", "StreamAdapterModel"]

@@ -43,6 +43,10 @@ class StreamAdapterConfig(ContextAdaptationConfig):
             are dropped from the front to fit.
         chunk_tokens: longest chunk that one ``stream.update`` takes, in base tokens (not counting the special
             tokens the tokenizer adds).
+        bucket_max_padding / bucket_min_rows: training only: a batch's chunk, teacher and student rows are
+            read in length buckets whose padded share of token slots stays within ``bucket_max_padding``,
+            each of at least ``bucket_min_rows`` rows (but the last); every bucket is one more base pass
+            (kernel launches) for less padding (a large ``bucket_min_rows``: one padded pass per role).
     """
 
     model_type = "ctx2param_stream_adapter"
@@ -63,6 +67,8 @@ class StreamAdapterConfig(ContextAdaptationConfig):
         max_answer_tokens: int = 128,
         max_teacher_tokens: int = 4096,
         chunk_tokens: int = 256,
+        bucket_max_padding: float = 0.05,
+        bucket_min_rows: int = 16,
         **kwargs: Any,
     ) -> None:
         if not isinstance(state_dim, int) or state_dim < 1:
@@ -85,6 +91,12 @@ class StreamAdapterConfig(ContextAdaptationConfig):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(bucket_max_padding, (int, float)) or not 0 <= bucket_max_padding < 1:
+            raise ValueError(f"bucket_max_padding must be in [0, 1), got {bucket_max_padding!r}.")
+        if isinstance(bucket_min_rows, bool) or not isinstance(bucket_min_rows, int) or bucket_min_rows < 1:
+            raise ValueError(f"bucket_min_rows must be a positive integer, got {bucket_min_rows!r}.")
+        self.bucket_max_padding = float(bucket_max_padding)
+        self.bucket_min_rows = bucket_min_rows
         self.state_dim = state_dim
         self.generated_factor = generated_factor
         self.gate_bias_init = float(gate_bias_init)

@@ -19,7 +19,12 @@ query heads per key/value head, ``hd`` head size, ``d_attn = kv · g · hd``.
 
 Training (``training_losses``): teacher = the base with the whole context and the query in its prompt;
 student = the base with the absorbed update and only the query; KL(teacher ‖ student) on the answer tokens
-plus the student's cross-entropy on them.
+plus the student's cross-entropy on them. The fast path (the default) keeps the updates stacked per module
+kind (:meth:`StreamAdapterModel.state_to_stacked`, a :class:`~ctx2param.stacked.StackedAdapter` attached with
+:func:`~ctx2param.injection.attach_stacked_adapter`), reads chunk, teacher and student rows in length
+buckets, folds all streams at once per step and gathers the scored positions by indices the collator made
+(:mod:`.collation_stream_adapter`), so that a step never waits for the host; ``reference=True`` computes the
+same numbers module by module.
 """
 
 from __future__ import annotations
@@ -27,24 +32,24 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ...adapter import ContextAdapter, LoraFactors
 from ...errors import ContextError
-from ...injection import attach_adapter
+from ...injection import attach_adapter, attach_stacked_adapter
 from ...modeling_utils import ContextAdaptationModel
-from ...modules import target_module_shapes
+from ...modules import LayerKindLayout, target_module_shapes
+from ...stacked import StackedAdapter
+from .collation_stream_adapter import IGNORE_INDEX, ExampleRows, layout_batch
 from .configuration_stream_adapter import StreamAdapterConfig
 
-__all__ = ["AdapterStream", "StreamAdapterModel"]
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
-IGNORE_INDEX = -100
+__all__ = ["AdapterStream", "StreamAdapterLayout", "StreamAdapterModel"]
 
 
 # ------------------------------------------------------------------------------------------ base geometry
@@ -99,47 +104,32 @@ class _ModuleKind:
     d_in: int
 
 
-def _layer_of(name: str) -> int:
-    match = _LAYER_INDEX.search(name)
-    if match is None:
-        raise ValueError(
-            f"StreamAdapter adapts modules of decoder layers, but {name!r} has no layer index; remove it "
-            "from target_modules."
-        )
-    return int(match.group(1))
+class StreamAdapterLayout(LayerKindLayout):
+    """StreamAdapter's :class:`~ctx2param.modules.LayerKindLayout` (one absorption head per module kind,
+    shared by the layers)."""
+
+    method = "StreamAdapter"
+    sharing = "adapts modules of decoder layers and shares one head per module type across them"
+    hint = " Remove it from target_modules."
+    kind_sharing = "shares one head per module type across layers"
 
 
-def _module_kinds(target_shapes: dict[str, Sequence[int]]) -> tuple[list[int], list[_ModuleKind]]:
-    layers = sorted({_layer_of(name) for name in target_shapes})
-    position = {layer: i for i, layer in enumerate(layers)}
-    grouped: dict[str, list[tuple[str, int, tuple[int, int]]]] = {}
-    for name, shape in target_shapes.items():
-        match = _LAYER_INDEX.search(name)
-        assert match is not None
-        suffix = name[match.end() :]
-        grouped.setdefault(suffix, []).append(
-            (name, position[int(match.group(1))], (int(shape[0]), int(shape[1])))
-        )
+def _module_kinds(layout: LayerKindLayout) -> list[_ModuleKind]:
+    """The layout's kinds as :class:`_ModuleKind` records (names and layer positions in config order)."""
     kinds = []
-    for suffix, items in grouped.items():
-        shapes = {shape for _, _, shape in items}
-        if len(shapes) != 1:
-            raise ValueError(
-                f"The {suffix!r} modules have different shapes across layers ({sorted(shapes)}); "
-                "StreamAdapter shares one head per module type and needs them equal."
-            )
-        d_out, d_in = shapes.pop()
+    for k, (kind, (d_out, d_in)) in enumerate(zip(layout.kinds, layout.kind_shapes, strict=True)):
+        members = [(name, layer) for name, (layer, kk) in layout.positions.items() if kk == k]
         kinds.append(
             _ModuleKind(
-                key=suffix.replace(".", "__"),
-                suffix=suffix,
-                names=tuple(n for n, _, _ in items),
-                layer_positions=tuple(p for _, p, _ in items),
+                key=layout.key(kind),
+                suffix=kind,
+                names=tuple(name for name, _ in members),
+                layer_positions=tuple(layer for _, layer in members),
                 d_out=d_out,
                 d_in=d_in,
             )
         )
-    return layers, kinds
+    return kinds
 
 
 def _cache_layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +258,8 @@ class StreamAdapterModel(ContextAdaptationModel):
                 f"chunk_tokens={config.chunk_tokens} does not fit the base model's window of "
                 f"{geometry.max_positions} positions; choose chunk_tokens <= {geometry.max_positions - 2}."
             )
-        layers, kinds = _module_kinds(config.target_shapes)
+        self.layout = StreamAdapterLayout.from_shapes(config.target_shapes)
+        layers, kinds = list(self.layout.layers), _module_kinds(self.layout)
         bad = [layer for layer in layers if layer >= geometry.num_layers]
         if bad:
             raise ValueError(f"Target layers {bad} do not exist: the base has {geometry.num_layers} layers.")
@@ -434,6 +425,10 @@ class StreamAdapterModel(ContextAdaptationModel):
         attention_mask = attention_mask.to(self.base_device)
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ContextError("A chunk has no real token (all padding); every chunk needs content.")
+        return self._summaries(input_ids, attention_mask)
+
+    def _summaries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`summarize` of checked chunks on the base's device (no check, so no host sync)."""
         keys, values = self.context_key_values(input_ids, attention_mask)
         n, num_layers, kv, width, hd = keys.shape
         # attention in the cache's dtype (no float32 copy of a bf16 cache), the rest in the method's dtype
@@ -494,6 +489,58 @@ class StreamAdapterModel(ContextAdaptationModel):
             metadata={"method": "stream_adapter", **(metadata or {})},
         )
 
+    def state_to_stacked(self, state: torch.Tensor) -> StackedAdapter:
+        """The same update as :meth:`state_to_adapter`, stacked per module kind (the training fast path): for
+        each kind of ``self.layout``, ``A [N, L, m, d_in]`` and ``B [N, L, d_out, m]`` over all ``L`` adapted
+        layers (a kind that some layer lacks gets zero factors there, marked absent), made with one head
+        call per kind and no Python loop over modules.
+
+        Args:
+            state: ``h [N, L, m, d_h]`` (differentiable).
+        """
+        if state.dim() != 4:
+            raise ValueError(f"state must be [N, layers, m, state_dim], got shape {tuple(state.shape)}.")
+        n, num_layers = state.shape[0], len(self.adapted_layers)
+        z = self.state_norm(state) + self.layer_embedding[None, :, None, :]
+        factors = []
+        for kind in self.kinds:
+            everywhere = kind.layer_positions == tuple(range(num_layers))
+            index = None if everywhere else self._device_index(kind.layer_positions, z.device)
+            generated = self.heads[kind.key](z if index is None else z.index_select(1, index))
+            learned = self.factors[kind.key]  # [Lk, m, d_in] (B generated) or [Lk, d_out, m] (A generated)
+            if self.config.generated_factor == "B":
+                a = learned.unsqueeze(0).expand(n, -1, -1, -1)  # [N, Lk, m, d_in]
+                b = generated.transpose(-1, -2).to(learned.dtype)  # [N, Lk, d_out, m]
+            else:
+                a = generated.to(learned.dtype)  # [N, Lk, m, d_in]
+                b = learned.unsqueeze(0).expand(n, -1, -1, -1)  # [N, Lk, d_out, m]
+            if index is not None:  # scatter the kind's layers into all adapted layers (zeros elsewhere)
+                a = a.new_zeros(n, num_layers, *a.shape[2:]).index_copy(1, index, a)
+                b = b.new_zeros(n, num_layers, *b.shape[2:]).index_copy(1, index, b)
+            factors.append((a, b))
+        presence = None
+        if len(self.layout.positions) != len(self.layout.layers) * len(self.layout.kinds):
+            presence = self._device_tensor("presence", z.device, self.layout.presence)
+        return StackedAdapter(
+            self.layout,
+            tuple(factors),
+            self.config.scale,
+            presence,
+            self.config.base_model_name_or_path,
+            self.config.base_model_revision,
+        )
+
+    def _device_tensor(self, key: Any, device: torch.device, make: Any) -> torch.Tensor:
+        """A constant tensor made once per device by ``make()`` (no host-to-device copy in later steps)."""
+        cache = self.__dict__.setdefault("_constants", {})
+        found = cache.get((key, device))
+        if found is None:
+            found = cache[(key, device)] = make().to(device)
+        return found
+
+    def _device_index(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return self._device_tensor(positions, device, lambda: torch.tensor(positions, dtype=torch.long))
+
     # ------------------------------------------------------------------------------------- streaming
     def stream(self, batch_size: int | None = None, grad: bool = False) -> AdapterStream:
         """A new stream that absorbs context chunks one at a time into a fixed-size state.
@@ -551,7 +598,7 @@ class StreamAdapterModel(ContextAdaptationModel):
         return list(contexts), query, answer
 
     def collate_training_examples(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Examples ``(contexts, query, answer)`` → one training batch of tensors.
+        """Examples ``(contexts, query, answer)`` → one training batch.
 
         The context items are joined by blank lines (by spaces for continuation examples, whose query is
         empty) and split into chunks exactly as :meth:`generate_adapter` splits text. Leading items are
@@ -559,23 +606,28 @@ class StreamAdapterModel(ContextAdaptationModel):
         exceeds ``config.max_teacher_tokens``.
 
         Runs on the CPU (tensors are returned on the CPU; ``training_losses`` moves them), so it can run in
-        ``DataLoader`` workers.
+        ``DataLoader`` workers. Rows are ordered by student length (``example_index`` gives each row's
+        position in ``examples``) and everything the fast path needs to avoid host syncs is laid out here:
+        length buckets, the recurrence's step index, gather indices of the scored positions
+        (:func:`~ctx2param.models.stream_adapter.collation_stream_adapter.layout_batch`; buckets follow
+        ``config.bucket_max_padding`` and ``config.bucket_min_rows``).
 
         Returns:
-            ``chunk_ids``/``chunk_mask`` ``[C, Tc]`` (all chunks of all examples), ``chunk_owner`` ``[C]``
-            (example index), ``chunk_step`` ``[C]`` (position in its example's stream); ``student_ids``/
-            ``student_mask``/``student_targets`` ``[B, Ts]`` (query + answer; targets are the next token at
-            positions that predict answer tokens, else -100); ``teacher_ids``/``teacher_mask``/
-            ``teacher_targets`` ``[B, Tt]`` (context + query + answer, the same answer tokens targeted).
+            ``chunk_ids``/``chunk_mask`` ``[C, Tc]`` (all chunks of all examples, longest first),
+            ``chunk_owner`` ``[C]`` (example row), ``chunk_step`` ``[C]`` (position in its example's stream);
+            ``student_ids``/``student_mask``/``student_targets`` ``[B, Ts]`` (query + answer; targets are
+            the next token at positions that predict answer tokens, else -100); ``teacher_ids``/
+            ``teacher_mask``/``teacher_targets`` ``[B, Tt]`` (context + query + answer, the same answer
+            tokens targeted); and the fast path's ``chunk_buckets``, ``chunk_index``/``chunk_active``
+            ``[S, N]``, ``num_steps``, ``student_buckets``, ``student_scored``, ``teacher_order``,
+            ``teacher_buckets``, ``teacher_scored``, ``answer_targets`` ``[P]``, ``token_counts`` (plain
+            numbers) and ``example_index``.
         """
         if not examples:
             raise ValueError("collate_training_examples got no examples.")
         tokenizer = self._require_tokenizer()
         cfg = self.config
-        chunk_rows: list[list[int]] = []
-        owners: list[int] = []
-        steps: list[int] = []
-        student_rows, student_targets, teacher_rows, teacher_targets = [], [], [], []
+        items: list[ExampleRows] = []
         for index, example in enumerate(examples):
             contexts, query, answer = self._example_fields(example, index)
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens]
@@ -616,10 +668,6 @@ class StreamAdapterModel(ContextAdaptationModel):
                 context_text = tokenizer.decode(ids[-budget + 2 :])
                 context_ids = tokenizer(context_text, add_special_tokens=True)["input_ids"]
                 chunks = self.chunk(context_text)[-cfg.max_context_chunks :]
-            for step, row in enumerate(self.encode_chunk_rows(chunks)):
-                chunk_rows.append(row)
-                owners.append(index)
-                steps.append(step)
             student = student_query + answer_ids
             teacher = context_ids + teacher_query + answer_ids
             first = max(len(student_query), 1)  # first answer token the student can predict
@@ -634,25 +682,16 @@ class StreamAdapterModel(ContextAdaptationModel):
             t_targets = [IGNORE_INDEX] * len(teacher)
             for pos in range(len(teacher) - 1 - predicted, len(teacher) - 1):
                 t_targets[pos] = teacher[pos + 1]
-            student_rows.append(student)
-            student_targets.append(s_targets)
-            teacher_rows.append(teacher)
-            teacher_targets.append(t_targets)
-        chunk_ids, chunk_mask = self._pad(chunk_rows)
-        student_ids, student_mask = self._pad(student_rows)
-        teacher_ids, teacher_mask = self._pad(teacher_rows)
-        return {
-            "chunk_ids": chunk_ids,
-            "chunk_mask": chunk_mask,
-            "chunk_owner": torch.tensor(owners, dtype=torch.long),
-            "chunk_step": torch.tensor(steps, dtype=torch.long),
-            "student_ids": student_ids,
-            "student_mask": student_mask,
-            "student_targets": self._pad_targets(student_targets, student_ids.shape[1]),
-            "teacher_ids": teacher_ids,
-            "teacher_mask": teacher_mask,
-            "teacher_targets": self._pad_targets(teacher_targets, teacher_ids.shape[1]),
-        }
+            items.append(
+                ExampleRows(
+                    tuple(tuple(row) for row in self.encode_chunk_rows(chunks)),
+                    tuple(student),
+                    tuple(s_targets),
+                    tuple(teacher),
+                    tuple(t_targets),
+                )
+            )
+        return layout_batch(items, self.pad_token_id, cfg.bucket_max_padding, cfg.bucket_min_rows)
 
     def encode_chunk_rows(self, chunks: Sequence[str]) -> list[list[int]]:
         """Token ids (with the tokenizer's special tokens) of checked chunks, unpadded."""
@@ -660,14 +699,36 @@ class StreamAdapterModel(ContextAdaptationModel):
         tokenizer = self._require_tokenizer()
         return [tokenizer(c, add_special_tokens=True)["input_ids"] for c in chunks]
 
-    def _pad_targets(self, rows: list[list[int]], width: int) -> torch.Tensor:
-        out = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
+    def batch_states(self, batch: dict[str, Any], reference: bool = False) -> torch.Tensor:
+        """Final stream states ``h [B, L, m, d_h]`` of a training batch (differentiable; rows as the batch's).
 
-    def batch_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final stream states ``h [B, L, m, d_h]`` of a training batch (differentiable)."""
+        The fast path reads the chunks in their length buckets (``chunk_buckets``) and runs the recurrence
+        as ``num_steps`` batched folds over all streams (``chunk_index`` / ``chunk_active``: a stream whose
+        chunks are used up keeps its state), with no host sync. ``reference=True`` is the original loop
+        (one padded pass, the streams of each step found on the host); both give the same states.
+        """
+        if reference:
+            return self._reference_states(batch)
+        ids, mask = batch["chunk_ids"], batch["chunk_mask"]
+        buckets = batch.get("chunk_buckets") or [(0, ids.shape[0], ids.shape[1])]
+        parts = [self._summaries(ids[s:e, :w], mask[s:e, :w]) for s, e, w in buckets]
+        summaries = parts[0] if len(parts) == 1 else torch.cat(parts)  # [C, L, m, d_h]
+        index, active = batch["chunk_index"], batch["chunk_active"]  # [S, N]
+        steps, num_streams = int(batch["num_steps"]), batch["student_ids"].shape[0]
+        if tuple(index.shape) != (steps, num_streams):
+            raise ValueError(
+                f"chunk_index has shape {tuple(index.shape)}, expected ({steps}, {num_streams}); the batch "
+                "was not built by collate_training_examples."
+            )
+        per_step = summaries.index_select(0, index.reshape(-1)).view(steps, num_streams, *summaries.shape[1:])
+        state = self.initial_states(num_streams)
+        for step in range(steps):
+            new = self.fold(state, per_step[step]).to(state.dtype)
+            state = torch.where(active[step][:, None, None, None], new, state)
+        return state
+
+    def _reference_states(self, batch: dict[str, Any]) -> torch.Tensor:
+        """:meth:`batch_states` module by module, as before the fast path (reads the step count back)."""
         summaries = self.summarize(batch["chunk_ids"], batch["chunk_mask"])
         owners, steps = batch["chunk_owner"], batch["chunk_step"]
         num_examples = batch["student_ids"].shape[0]
@@ -691,17 +752,57 @@ class StreamAdapterModel(ContextAdaptationModel):
         return logits
 
     def _answer_logits(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Logits ``[P, V]`` at the positions of ``targets`` that are not ``IGNORE_INDEX`` (the reference
+        path: a boolean-mask index, which reads the count back from the device)."""
         hidden = self.base_lm.base_model(
             input_ids=ids, attention_mask=mask, use_cache=False
         ).last_hidden_state
         return self._lm_logits(hidden[targets != IGNORE_INDEX]).float()
 
-    def training_flops(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _scored_logits(
+        self, batch: dict[str, Any], role: str, stacked: StackedAdapter | None = None
+    ) -> torch.Tensor:
+        """Logits ``[P, V]`` of the ``role`` (teacher / student) rows at the scored positions only.
+
+        The rows are read in their length buckets (``<role>_buckets`` over ``<role>_order``, the batch's
+        row order when absent), each cut to its width; the student's buckets are contiguous and read with
+        their slice of ``stacked`` attached. ``<role>_scored`` gathers the scored positions from the
+        concatenated bucket outputs, in the order of ``answer_targets``.
+        """
+        ids, mask = batch[f"{role}_ids"], batch[f"{role}_mask"]
+        buckets = batch.get(f"{role}_buckets") or [(0, ids.shape[0], ids.shape[1])]
+        order = batch.get(f"{role}_order")
+        body = self.base_lm.base_model
+        parts = []
+        for s, e, w in buckets:
+            if order is None:
+                rows_ids, rows_mask = ids[s:e, :w], mask[s:e, :w]
+            else:
+                rows = order[s:e]
+                rows_ids, rows_mask = ids.index_select(0, rows)[:, :w], mask.index_select(0, rows)[:, :w]
+            if stacked is None:
+                hidden = body(input_ids=rows_ids, attention_mask=rows_mask, use_cache=False).last_hidden_state
+            else:
+                if order is not None:
+                    raise ValueError("The student rows are read in contiguous buckets (no student_order).")
+                piece = replace(stacked, factors=tuple((A[s:e], B[s:e]) for A, B in stacked.factors))
+                with attach_stacked_adapter(self.base_lm, piece):
+                    hidden = body(
+                        input_ids=rows_ids, attention_mask=rows_mask, use_cache=False
+                    ).last_hidden_state
+            parts.append(hidden.reshape(-1, hidden.shape[-1]))
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._lm_logits(flat.index_select(0, batch[f"{role}_scored"])).float()
+
+    def training_flops(self, batch: dict[str, Any]) -> dict[str, float]:
         """Approximate FLOPs of one training step on a collated batch (for MFU), by part.
 
         Conventions of :mod:`ctx2param.training.flops`: a ``[n, k] x [k, m]`` product costs ``2·n·k·m``, only
         real tokens count, causal attention costs ``2·T²·w`` per layer; the frozen base's backward costs 1×
         its forward (input gradients only), trainable parts cost 3× (forward + both gradients).
+
+        Reads the plain token counts the collator made (``batch["token_counts"]``): nothing here touches a
+        device (it runs in the DataLoader workers). A batch without them is counted from its masks.
 
         Returns:
             ``generator`` (base forward over the chunks without logits, then the learned queries' attention,
@@ -711,15 +812,25 @@ class StreamAdapterModel(ContextAdaptationModel):
         """
         from ...training.flops import base_cost  # lazy: training sits above the models
 
+        counts = batch.get("token_counts")
+        if not isinstance(counts, dict):
+            counts = {
+                "chunks": batch["chunk_mask"].sum(-1).tolist(),
+                "teacher": batch["teacher_mask"].sum(-1).tolist(),
+                "student": batch["student_mask"].sum(-1).tolist(),
+                "answers": int((batch["student_targets"] != IGNORE_INDEX).sum()),
+            }
+        chunk_lengths = [int(t) for t in counts["chunks"]]
+        teacher_lengths = [int(t) for t in counts["teacher"]]
+        student_lengths = [int(t) for t in counts["student"]]
+        answers = int(counts["answers"])
         cost = base_cost(self.base_lm)
         cfg, geo = self.config, self.geometry
         num_layers, m, d_h = len(self.adapted_layers), cfg.rank, cfg.state_dim
         d_attn = geo.num_heads * geo.head_dim
-        chunk_lengths = batch["chunk_mask"].sum(-1).detach().cpu()
         chunks = len(chunk_lengths)
-        context_tokens = float(chunk_lengths.sum())
-        examples = int(batch["student_ids"].shape[0])
-        answers = int((batch["student_targets"] != IGNORE_INDEX).sum())
+        context_tokens = float(sum(chunk_lengths))
+        examples = len(student_lengths)
         attention = 4.0 * num_layers * geo.num_heads * m * geo.head_dim * context_tokens
         summary = chunks * num_layers * m * (2.0 * d_attn * d_h + 2.0 * 2 * d_h * d_h)  # projection + gate
         heads = (
@@ -731,15 +842,9 @@ class StreamAdapterModel(ContextAdaptationModel):
             )
         )
         generator = cost.forward(chunk_lengths) + 3.0 * (attention + summary + heads)
-        teacher_lengths = batch["teacher_mask"].sum(-1).detach().cpu()
-        student_lengths = batch["student_mask"].sum(-1).detach().cpu()
         teacher = cost.forward(teacher_lengths, answers)
-        lora = (
-            2.0
-            * m
-            * sum((k.d_in + k.d_out) * len(k.names) for k in self.kinds)
-            * float(student_lengths.sum())
-        )
+        low_rank = sum((k.d_in + k.d_out) * len(k.names) for k in self.kinds)
+        lora = 2.0 * m * low_rank * float(sum(student_lengths))
         student = 2.0 * cost.forward(student_lengths, answers) + 3.0 * lora
         return {
             "generator": generator,
@@ -747,11 +852,17 @@ class StreamAdapterModel(ContextAdaptationModel):
             "student": student,
             "total": generator + teacher + student,
             "context_tokens": context_tokens,
-            "tokens": context_tokens + float(teacher_lengths.sum() + student_lengths.sum()),
+            "tokens": context_tokens + float(sum(teacher_lengths) + sum(student_lengths)),
         }
 
-    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_losses(self, batch: dict[str, Any], reference: bool = False) -> dict[str, torch.Tensor]:
         """``loss = kl_weight · KL(teacher ‖ student) + ce_weight · CE(student)`` on the answer tokens.
+
+        The fast path (default) keeps the absorbed updates stacked per module kind
+        (:meth:`state_to_stacked`, :func:`~ctx2param.injection.attach_stacked_adapter`), reads chunks,
+        teacher and student rows in length buckets, computes logits only at the scored positions (gathered
+        by indices the collator made) and never waits for the host. ``reference=True`` computes the same
+        numbers module by module (``ContextAdapter``, boolean-mask indexing), for tests of the fast path.
 
         Also returned (for logging, detached): ``kl``, ``ce``, ``teacher_ce`` (the teacher's own CE on the
         same tokens: the level the student aims at), ``delta_norm`` (mean Frobenius norm of the generated
@@ -759,17 +870,32 @@ class StreamAdapterModel(ContextAdaptationModel):
         """
         cfg = self.config
         device = self.base_device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        adapter = self.state_to_adapter(self.batch_states(batch))
-        with torch.no_grad():
-            teacher = self._answer_logits(
-                batch["teacher_ids"], batch["teacher_mask"], batch["teacher_targets"]
-            )
-        with attach_adapter(self.base_lm, adapter):
-            student = self._answer_logits(
-                batch["student_ids"], batch["student_mask"], batch["student_targets"]
-            )
-        targets = batch["student_targets"][batch["student_targets"] != IGNORE_INDEX]
+        batch = {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
+        with record_function("ctx2param.generator"):
+            state = self.batch_states(batch, reference=reference)
+            if reference:
+                adapter = self.state_to_adapter(state)
+            else:
+                stacked = self.state_to_stacked(state)
+        if reference:
+            with torch.no_grad():
+                teacher = self._answer_logits(
+                    batch["teacher_ids"], batch["teacher_mask"], batch["teacher_targets"]
+                )
+            with attach_adapter(self.base_lm, adapter):
+                student = self._answer_logits(
+                    batch["student_ids"], batch["student_mask"], batch["student_targets"]
+                )
+            targets = batch["student_targets"][batch["student_targets"] != IGNORE_INDEX]
+            teacher_targets = batch["teacher_targets"][batch["teacher_targets"] != IGNORE_INDEX]
+        else:
+            with torch.no_grad(), record_function("ctx2param.teacher"):
+                teacher = self._scored_logits(batch, "teacher")
+            with record_function("ctx2param.student"):
+                student = self._scored_logits(batch, "student", stacked)
+            targets = teacher_targets = batch["answer_targets"]
         if teacher.shape != student.shape:
             raise RuntimeError(
                 f"Teacher and student target {teacher.shape[0]} and {student.shape[0]} answer tokens; the "
@@ -785,10 +911,11 @@ class StreamAdapterModel(ContextAdaptationModel):
         ce = F.cross_entropy(student, targets)
         loss = cfg.kl_weight * kl + cfg.ce_weight * ce
         with torch.no_grad():
-            teacher_ce = F.cross_entropy(
-                teacher, batch["teacher_targets"][batch["teacher_targets"] != IGNORE_INDEX]
-            )
-            delta_norm = adapter.detach().norm().mean()
+            teacher_ce = F.cross_entropy(teacher, teacher_targets)
+            if reference:
+                delta_norm = adapter.detach().norm().mean()
+            else:
+                delta_norm = stacked.detach().sq_norm().sqrt().mean()
         return {
             "loss": loss,
             "kl": kl.detach(),
