@@ -22,7 +22,8 @@ echo "base $BASE ready at $((SECONDS - start)) s"
 cp runs/mix.jsonl.gz* "$RUNS/"
 python3 -m ctx2param data responses --model "$BASE" --mix "$RUNS/mix.jsonl.gz" --out "$RUNS/responses.jsonl" \
     --heldout-out "$RUNS/heldout.jsonl" --heldout-frac 0.02 --k 1,2,4,8 --questions-per-example 4 \
-    --max-new-tokens 32 --batch-size 512 --device cuda --seed 0 >"$RUNS/responses.log" 2>&1
+    --max-new-tokens 32 --batch-size 2048 --batch-tokens 1500000 --dtype bfloat16 --device cuda --seed 0 \
+    --no-progress >"$RUNS/responses.log" 2>&1
 echo "responses rc=$? at $((SECONDS - start)) s"; tail -n 6 "$RUNS/responses.log" | cut -c1-300
 launch() {  # name, extra recipe arguments...
     local name="$1"
