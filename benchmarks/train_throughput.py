@@ -2,8 +2,9 @@
 
 Each method trains alone, for ``--seconds`` of training time, at its production settings (read from its
 recipe in ``hub_scripts/``: generator config, batch, learning rate) through ``train_method`` — the code
-``ctx2param train`` and the recipes run — on the data given (``--data``, a training JSONL, for CompAs and
-DyPRAG; the built-in demonstration sources for StreamAdapter). Counted as the trainer counts them:
+``ctx2param train`` and the recipes run. CompAs and DyPRAG read ``--data`` (a training JSONL); StreamAdapter
+reads its recipe's mix of demonstrations and continuation (``--stream-examples`` per source). Counted as the
+trainer counts them:
 
 - ``tokens_per_s``: every token any pass of a step reads (generator over the chunks and additivity pairs,
   teacher, student), over the steady window (the first logged steps, warm-up, left out);
@@ -116,13 +117,19 @@ def tiny_settings(method: str) -> dict[str, Any]:
 def examples_for(method: str, model: Any, args: argparse.Namespace) -> list[Any]:
     from ctx2param.commands.train import load_training_examples
 
-    if method == "stream_adapter":
-        sources = args.stream_data
-    elif args.data:
-        sources = args.data
-    else:  # the tiny CPU run: a small synthetic QA mix, 1-4 passages each
+    if method == "stream_adapter":  # the recipe's mix: seen-task demonstrations and passage continuation
+        recipe = load_recipe("train_stream_adapter")
+        data = recipe.DATA
+        sources = [f"demos-{task}" for task in recipe.SEEN_TASKS] + ["passages"]
+        return load_training_examples(
+            sources, model.tokenizer, max_chunks=1, seed=0, max_examples=args.stream_examples,
+            demo_k=[int(k) for k in str(data["demo_k"]).split(",")], demo_draws=int(data["demo_draws"]),
+            context_tokens=int(data["context_tokens"]), target_tokens=int(data["target_tokens"]),
+        )  # fmt: skip
+    if not args.data:  # the tiny CPU run: a small synthetic QA mix, 1-4 passages each
         return synthetic_examples()
-    return load_training_examples(sources, model.tokenizer, max_chunks=8, seed=0)
+    # the responses' examples carry their context sets: no distractors are added (max_chunks=1)
+    return load_training_examples(args.data, model.tokenizer, max_chunks=1, seed=0)
 
 
 def synthetic_examples(n: int = 256) -> list[Any]:
@@ -332,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-init", metavar="CONFIG_DIR", help="random weights of this config's architecture")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama and synthetic data (CPU check)")
     p.add_argument("--data", nargs="+", help="training JSONL for CompAs and DyPRAG")
-    p.add_argument("--stream-data", nargs="+", default=["demos-sst2", "demos-boolq", "demos-rte"])
+    p.add_argument(
+        "--stream-examples", type=int, default=2000, help="StreamAdapter: examples per source of its mix"
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seconds", type=float, default=130.0, help="training time per method")
