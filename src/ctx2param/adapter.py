@@ -442,7 +442,9 @@ class ContextAdapter(Mapping[str, LoraFactors]):
 
     # --------------------------------------------------------------------------------------------- files
     def save_pretrained(self, save_directory: str | os.PathLike, format: str = "ctx2param") -> Path:
-        """Write the adapter to a folder, atomically (temporary files, then rename).
+        """Write the adapter to a folder, atomically: after a crash the folder holds the previous save or
+        this one, complete (:func:`~ctx2param.file_utils.write_folder_atomically`); the other format's files
+        of an earlier save go, other files in the folder stay.
 
         Args:
             save_directory: folder to create or update.
@@ -456,7 +458,7 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 tensors={ADAPTER_WEIGHTS_NAME: self._tensors()},
                 jsons={ADAPTER_CONFIG_NAME: self._own_header()},
                 checksums_into=ADAPTER_CONFIG_NAME,
-                remove=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME),
+                remove=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME),
             )
         if format == "peft":
             tensors, config = self._peft_files()
@@ -464,7 +466,7 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 save_directory,
                 tensors={PEFT_WEIGHTS_NAME: tensors},
                 jsons={PEFT_CONFIG_NAME: config},
-                remove=(ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME),
+                remove=(ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PICKLE_NAME),
             )
         raise ValueError(f"Unknown adapter format {format!r}; use 'ctx2param' or 'peft'.")
 

@@ -35,6 +35,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BASE_PREFIX = "base_lm."
+#: The weight files a generator save writes (single, shards, index): an earlier save's never survive.
+_WEIGHT_FILE_PATTERNS = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors")
 
 __all__ = [
     "BaseModelError",
@@ -410,8 +412,11 @@ class ContextAdaptationModel(PreTrainedModel):
     ) -> Path:
         """Write ``config.json`` and the method's weights (safetensors, sharded above ``max_shard_size``).
 
-        The base model's weights are never written. Everything is written atomically. ``model_card`` (the
-        text of a README.md) is written beside them when given.
+        The base model's weights are never written. The folder is replaced as one version
+        (:func:`~ctx2param.file_utils.write_folder_atomically`): after a crash it holds the previous save or
+        this one, complete; earlier weight files (old shards, a shard index after an unsharded save) do not
+        survive, other files in the folder (checkpoints, card data) stay. ``model_card`` (the text of a
+        README.md) is written beside them when given.
         """
         from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -428,7 +433,9 @@ class ContextAdaptationModel(PreTrainedModel):
                 "weight_map": split.tensor_to_filename,
             }
         texts = {"README.md": model_card} if model_card is not None else {}
-        return write_folder_atomically(save_directory, tensors=tensors, jsons=jsons, texts=texts)
+        return write_folder_atomically(
+            save_directory, tensors=tensors, jsons=jsons, texts=texts, remove=_WEIGHT_FILE_PATTERNS
+        )
 
     def push_to_hub(  # type: ignore[override]
         self,
