@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,103 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: A folder of the Hugging Face cache: ``.../models--<org>--<name>/snapshots/<revision>``.
+_HF_CACHE_SNAPSHOT = re.compile(r"/models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
+
+
+def normalize_base_id(base: str | os.PathLike | None) -> tuple[str, str] | None:
+    """The key under which ctx2param compares the base model an adapter names; ``None`` for no id.
+
+    - A local folder (an existing folder, an absolute path, or a path starting with ``.`` or ``~``) is
+      ``("path", <its real absolute path>)``: ``out/base``, ``./out/base``, its absolute path and a symlink
+      to it are the same base.
+    - A folder of the Hugging Face cache (``.../models--org--name/snapshots/<revision>``) is the Hub id it
+      caches, so a model loaded by id and one loaded from its cached snapshot are the same base.
+    - Anything else is a Hub id, ``("hub", <id in lower case>)``: the Hub resolves ids case-insensitively.
+
+    Two ids are different bases only when both are known and of the same kind (:func:`bases_differ`): a Hub
+    id and a local folder that is not its cache snapshot cannot be told apart (a folder may hold a copy of
+    that Hub model), so they are accepted, like adapters that name no base at all.
+    """
+    if base is None:
+        return None
+    text = os.fspath(base).strip()
+    if not text:
+        return None
+    expanded = os.path.expanduser(text)
+    if os.path.isabs(expanded) or text.startswith((".", "~")) or "\\" in text or os.path.isdir(expanded):
+        real = os.path.realpath(expanded)
+        cached = _HF_CACHE_SNAPSHOT.search(real.replace(os.sep, "/"))
+        if cached:
+            return "hub", cached.group("repo").replace("--", "/").lower()
+        return "path", os.path.normcase(real)
+    return "hub", text.lower()
+
+
+def bases_differ(first: str | os.PathLike | None, second: str | os.PathLike | None) -> bool:
+    """True when two base-model ids certainly name different models (see :func:`normalize_base_id`)."""
+    a, b = normalize_base_id(first), normalize_base_id(second)
+    return a is not None and b is not None and a[0] == b[0] and a != b
+
+
+def _common_base(adapters: Sequence[ContextAdapter], what: str) -> tuple[str | None, str | None]:
+    """The base id and revision shared by ``adapters`` (the first one named); every pair is checked, so a
+    first adapter that names no base cannot hide two later ones that disagree."""
+    bases: list[str] = []
+    for adapter in adapters:
+        if not adapter.base_model:
+            continue
+        for seen in bases:
+            if bases_differ(seen, adapter.base_model):
+                raise AdapterMismatchError(
+                    f"Cannot {what} adapters made for different base models: {seen!r} vs "
+                    f"{adapter.base_model!r}."
+                )
+        bases.append(adapter.base_model)
+    revisions = list(dict.fromkeys(a.base_revision for a in adapters if a.base_revision))
+    if len(revisions) > 1:
+        raise AdapterMismatchError(
+            f"Cannot {what} adapters made for different revisions of {bases[0] if bases else 'the base'!r}: "
+            f"{revisions}."
+        )
+    return (bases[0] if bases else None), (revisions[0] if revisions else None)
+
+
+def _first_nonfinite(
+    factors: Mapping[str, LoraFactors], skip_grad: bool = True
+) -> tuple[str, str, int] | None:
+    """``(module, "A" or "B", number of bad entries)`` of the first factor holding NaN or ±Inf, else ``None``.
+
+    Every factor's ``isfinite(...).all()`` is reduced on its device and stacked, then read with a single
+    host sync; only when that fails are the factors searched for the culprit. Factors that require grad
+    (an autograd graph inside training) are skipped with ``skip_grad``, as are meta tensors and code being
+    compiled, where a host sync is not possible.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    named = [
+        (name, which, t)
+        for name, f in factors.items()
+        for which, t in (("A", f.A), ("B", f.B))
+        if not (skip_grad and t.requires_grad) and t.device.type != "meta"
+    ]
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t).all() for _, _, t in named])
+    if bool(flags.all()):  # the one host sync
+        return None
+    name, which, tensor = named[int((~flags).nonzero()[0, 0])]
+    return name, which, int((~torch.isfinite(tensor)).sum())
+
+
+def _nonfinite_message(found: tuple[str, str, int]) -> str:
+    name, which, count = found
+    return (
+        f"Module {name!r}: factor {which} holds {count} NaN or infinite value(s). An adapter's factors must "
+        "be finite: whatever produced them diverged (check the generator, the learning rate or the inputs)."
+    )
+
+
 class ContextAdapter(Mapping[str, LoraFactors]):
     """A read-only mapping from target-module name to :class:`LoraFactors`, with exact ΔW algebra.
 
@@ -108,6 +206,10 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         base_model: id or path of the base model the adapter was made for (checked on every operation).
         base_revision: that base model's revision, when known.
         metadata: free JSON-serialisable information (e.g. how a context was chunked).
+        check_finite: refuse factors holding NaN or ±Inf (a ``ValueError`` naming the module), with one host
+            sync per adapter. Factors that require grad are never checked (inside training the check would
+            cost a sync per step); saving checks them all again. Adapters derived from checked ones by the
+            algebra (``+``, ``*``, ``compose``, ``stack``, ``unbind``, ...) are not checked again.
 
     Example:
         >>> merged = a + 0.5 * b          # ΔW_a + 0.5 ΔW_b, exactly (ranks concatenate)
@@ -120,6 +222,8 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         base_model: str | None = None,
         base_revision: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        check_finite: bool = True,
     ) -> None:
         if not factors:
             raise ValueError("A ContextAdapter needs at least one target module; got an empty mapping.")
@@ -153,6 +257,8 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 )
             if not math.isfinite(f.scale):
                 raise ValueError(f"Module {name!r}: scale must be finite, got {f.scale}.")
+        if check_finite and (found := _first_nonfinite(factors)) is not None:
+            raise ValueError(_nonfinite_message(found))
         self._factors: dict[str, LoraFactors] = dict(factors)
         self.base_model = base_model
         self.base_revision = base_revision
@@ -219,9 +325,15 @@ class ContextAdapter(Mapping[str, LoraFactors]):
 
     # -------------------------------------------------------------------------------------- conversion
     def _with(
-        self, factors: Mapping[str, LoraFactors], metadata: Mapping[str, Any] | None = None
+        self,
+        factors: Mapping[str, LoraFactors],
+        metadata: Mapping[str, Any] | None = None,
+        check_finite: bool = False,
     ) -> ContextAdapter:
-        return ContextAdapter(factors, self.base_model, self.base_revision, metadata)
+        """An adapter derived from this one (same base); finite factors stay finite, so not re-checked."""
+        return ContextAdapter(
+            factors, self.base_model, self.base_revision, metadata, check_finite=check_finite
+        )
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -237,6 +349,7 @@ class ContextAdapter(Mapping[str, LoraFactors]):
                 for n, f in self._factors.items()
             },
             self.metadata,
+            check_finite=dtype is not None and dtype != self.dtype,  # a narrower dtype may overflow
         )
 
     def detach(self) -> ContextAdapter:
@@ -255,7 +368,7 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         """Raise :class:`AdapterMismatchError` naming the first way ``other`` does not fit this adapter."""
         if not isinstance(other, ContextAdapter):
             raise TypeError(f"Cannot {what} a ContextAdapter with {type(other).__name__}.")
-        if self.base_model and other.base_model and self.base_model != other.base_model:
+        if bases_differ(self.base_model, other.base_model):  # a folder and its absolute path are one base
             raise AdapterMismatchError(
                 f"Cannot {what} adapters made for different base models: {self.base_model!r} vs "
                 f"{other.base_model!r}."
@@ -438,7 +551,7 @@ class ContextAdapter(Mapping[str, LoraFactors]):
             )
             for n, f in other.items()
         }
-        return cls(factors, other.base_model, other.base_revision)
+        return cls(factors, other.base_model, other.base_revision, check_finite=False)
 
     # --------------------------------------------------------------------------------------------- files
     def save_pretrained(self, save_directory: str | os.PathLike, format: str = "ctx2param") -> Path:
@@ -451,7 +564,14 @@ class ContextAdapter(Mapping[str, LoraFactors]):
             format: ``"ctx2param"`` (``adapter.safetensors`` + ``ctx2param_adapter.json``; keeps batch
                 dimension, per-module scales and metadata) or ``"peft"`` (a standard PEFT LoRA folder that
                 ``peft.PeftModel.from_pretrained`` loads; scales are folded into B).
+
+        Raises:
+            ValueError: a factor holds NaN or ±Inf (the module is named; nothing is written).
         """
+        if format not in ("ctx2param", "peft"):
+            raise ValueError(f"Unknown adapter format {format!r}; use 'ctx2param' or 'peft'.")
+        if (found := _first_nonfinite(self._factors, skip_grad=False)) is not None:
+            raise ValueError(f"Not saving the adapter: {_nonfinite_message(found)}")
         if format == "ctx2param":
             return write_folder_atomically(
                 save_directory,
@@ -620,14 +740,11 @@ def _concatenate(adapters: list[ContextAdapter], weights: list[float], what: str
     for other in adapters[1:]:
         first.check_compatible(other, what)
     # the first adapter may name no base or batch where two later ones name different ones
-    named: dict[str, list[Any]] = {}
-    for attr in ("base_model", "base_revision", "batch_size"):
-        named[attr] = list(dict.fromkeys(v for a in adapters if (v := getattr(a, attr))))
-        if len(named[attr]) > 1:
-            raise AdapterMismatchError(
-                f"Cannot {what} adapters with different {attr.replace('_', ' ')}s: {named[attr]}."
-            )
-    base, revision, batch = (named[attr][0] if named[attr] else None for attr in named)
+    base, revision = _common_base(adapters, what)
+    batches = list(dict.fromkeys(a.batch_size for a in adapters if a.batch_size))
+    if len(batches) > 1:
+        raise AdapterMismatchError(f"Cannot {what} adapters with different batch sizes: {batches}.")
+    batch = batches[0] if batches else None
     out = {}
     for name in first:
         parts = [a[name] for a in adapters]
@@ -640,7 +757,7 @@ def _concatenate(adapters: list[ContextAdapter], weights: list[float], what: str
         else:
             folded = [p.B if scale == 1.0 else p.B * scale for p, scale in zip(parts, scales, strict=True)]
             out[name] = LoraFactors(A, torch.cat(folded, -1), 1.0)
-    return ContextAdapter(out, base, revision)
+    return ContextAdapter(out, base, revision, check_finite=False)  # the parts were checked
 
 
 def stack(adapters: Sequence[ContextAdapter]) -> ContextAdapter:
@@ -656,6 +773,7 @@ def stack(adapters: Sequence[ContextAdapter]) -> ContextAdapter:
         first.check_compatible(other, "stack")
     if any(a.batch_size is not None for a in adapters):
         raise ValueError("stack() takes single adapters; unbind() batched ones first.")
+    base, revision = _common_base(adapters, "stack")  # as compose: every pair, not only against the first
     out = {}
     for name in first:
         parts = [a[name] for a in adapters]
@@ -666,22 +784,60 @@ def stack(adapters: Sequence[ContextAdapter]) -> ContextAdapter:
         out[name] = LoraFactors(
             torch.stack([p.A for p in parts]), torch.stack([p.B for p in parts]), parts[0].scale
         )
-    base = next((a.base_model for a in adapters if a.base_model), None)
-    revision = next((a.base_revision for a in adapters if a.base_revision), None)
-    return ContextAdapter(out, base, revision)
+    return ContextAdapter(out, base, revision, check_finite=False)  # the parts were checked
 
 
 # ------------------------------------------------------------------------------------------------ files
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSONDecodeError
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise AdapterFileError(
-            f"{path} is not valid JSON ({err}); the file is corrupted or truncated."
+            f"{path} is not valid JSON ({reason}); the file is corrupted or truncated."
         ) from err
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, found {type(data).__name__}.")
     return data
+
+
+_MISSING = object()
+
+
+def _field(data: Mapping[str, Any], key: str, kind: str, path: Path, default: Any = _MISSING) -> Any:
+    """``data[key]`` checked to be of ``kind`` (``"str"``, ``"int"``, ``"number"``, ``"bool"``, ``"dict"``;
+    ``"str?"`` etc. also allow null), else :class:`AdapterFileError` naming the file and the field.
+    A missing key gives ``default`` (an error when there is none)."""
+    if key not in data:
+        if default is _MISSING:
+            raise AdapterFileError(f"{path} lacks the field {key!r}.")
+        return default
+    value = data[key]
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if ok and kind == "number":
+        try:
+            ok = math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise AdapterFileError(
+            f"{path}: field {key!r} must be {'a finite number' if kind == 'number' else f'a {kind}'}"
+            f"{' or null' if optional else ''}, found {type(value).__name__} {shown}. The file is corrupted "
+            "or was not written by ctx2param / PEFT."
+        )
+    return value
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -693,64 +849,124 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"Cannot read {path}: {err}. The file is corrupted or truncated.") from err
 
 
+def _build_loaded(
+    factors: dict[str, LoraFactors], weights: Path, base: Any, revision: Any, metadata: Any
+) -> ContextAdapter:
+    """The adapter read from ``weights``: malformed or non-finite factors are an :class:`AdapterFileError`."""
+    try:
+        adapter = ContextAdapter(factors, base, revision, metadata, check_finite=False)
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"{weights}: {err}") from err
+    if (found := _first_nonfinite(factors, skip_grad=False)) is not None:
+        raise AdapterFileError(f"{weights}: {_nonfinite_message(found)}")
+    return adapter
+
+
 def _load_own(folder: Path) -> ContextAdapter:
-    header = _read_json(folder / ADAPTER_CONFIG_NAME)
+    path = folder / ADAPTER_CONFIG_NAME
+    header = _read_json(path)
     if header.get("format") != "ctx2param-adapter":
-        raise AdapterFileError(f"{folder / ADAPTER_CONFIG_NAME} is not a ctx2param adapter header.")
+        raise AdapterFileError(f"{path} is not a ctx2param adapter header.")
     version = header.get("schema_version")
-    if not isinstance(version, int) or version > ADAPTER_SCHEMA_VERSION:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= ADAPTER_SCHEMA_VERSION
+    ):
         raise AdapterFileError(
-            f"{folder} uses adapter schema version {version!r}; this ctx2param reads up to "
-            f"{ADAPTER_SCHEMA_VERSION}. Upgrade ctx2param (pip install -U ctx2param)."
+            f"{folder} uses adapter schema version {version!r}; this ctx2param reads 1 to "
+            f"{ADAPTER_SCHEMA_VERSION}. Upgrade ctx2param (pip install -U ctx2param) for a newer one."
         )
+    base = _field(header, "base_model", "str?", path, None)
+    revision = _field(header, "base_revision", "str?", path, None)
+    metadata = _field(header, "metadata", "dict?", path, None)
+    checksums = _field(header, "sha256", "dict?", path, None) or {}
+    expected = _field(checksums, ADAPTER_WEIGHTS_NAME, "str?", path, None)
+    modules = _field(header, "modules", "dict", path)
+    if not modules:
+        raise AdapterFileError(f"{path} lists no modules.")
+    for name, info in modules.items():
+        if not isinstance(info, dict):
+            raise AdapterFileError(f"{path}: module {name!r} must map to a JSON object, found {info!r:.60}.")
+        _field(info, "scale", "number", path, 1.0)
+        shape = info.get("shape")
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        ):
+            raise AdapterFileError(f"{path}: module {name!r} has shape {shape!r:.60}, not [d_out, d_in].")
     weights = folder / ADAPTER_WEIGHTS_NAME
-    expected = (header.get("sha256") or {}).get(ADAPTER_WEIGHTS_NAME)
     if weights.is_file() and expected and sha256_file(weights) != expected:
         raise AdapterFileError(
             f"{weights} does not match the SHA-256 recorded in {ADAPTER_CONFIG_NAME}: the file is corrupted "
             "or was replaced. Save the adapter again."
         )
     tensors = _read_tensors(weights)
-    modules = header.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise AdapterFileError(f"{folder / ADAPTER_CONFIG_NAME} lists no modules.")
     factors = {}
     for name, info in modules.items():
         try:
             A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
         except KeyError:
             raise AdapterFileError(f"{weights} lacks the factors of module {name!r}.") from None
+        if A.dim() not in (2, 3) or B.dim() != A.dim():
+            raise AdapterFileError(
+                f"{weights}: module {name!r} has factors A {tuple(A.shape)} and B {tuple(B.shape)}, not "
+                "matrices ([r, d_in], [d_out, r]) or batches of them."
+            )
         factors[name] = LoraFactors(A, B, float(info.get("scale", 1.0)))
-        if list(factors[name].shape) != list(info.get("shape", [])):
+        if list(factors[name].shape) != info["shape"]:
             raise AdapterFileError(
                 f"Module {name!r}: the weights give ΔW shape {factors[name].shape} but the header says "
-                f"{info.get('shape')}."
+                f"{info['shape']}."
             )
-    return ContextAdapter(
-        factors, header.get("base_model"), header.get("base_revision"), header.get("metadata")
-    )
+    return _build_loaded(factors, weights, base, revision, metadata)
 
 
-def _peft_pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    import re
+def _peft_patterns(
+    config: Mapping[str, Any], key: str, kind: str, path: Path
+) -> list[tuple[re.Pattern[str], Any]]:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: ``[(compiled key, value)]``, checked."""
+    pattern = _field(config, key, "dict?", path, None) or {}
+    out = []
+    for regex, value in pattern.items():
+        _field(pattern, regex, kind, path)
+        try:
+            out.append((re.compile(rf"(.*\.)?({regex})$"), value))
+        except (re.error, RecursionError, OverflowError) as err:
+            raise AdapterFileError(
+                f"{path}: {key} key {regex!r:.60} is not a valid pattern ({err})."
+            ) from err
+    return out
 
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+
+def _peft_pattern_value(patterns: list[tuple[re.Pattern[str], Any]], name: str, default: Any) -> Any:
+    for compiled, value in patterns:
+        if compiled.match(name):
             return value
     return default
 
 
 def _load_peft(folder: Path) -> ContextAdapter:
-    config = _read_json(folder / PEFT_CONFIG_NAME)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(
-            f"{folder} is a PEFT {config.get('peft_type')} adapter; only LoRA is supported."
-        )
+    path = folder / PEFT_CONFIG_NAME
+    config = _read_json(path)
+    peft_type = _field(config, "peft_type", "str?", path, "LORA")
+    if peft_type not in ("LORA", None):
+        raise AdapterFileError(f"{folder} is a PEFT {peft_type} adapter; only LoRA is supported.")
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
             raise AdapterFileError(
                 f"{folder}: PEFT LoRA with {flag}=True is not supported (no low-rank ΔW form)."
             )
+    r_default = _field(config, "r", "int", path, 8)
+    if r_default < 1:
+        raise AdapterFileError(f"{path}: r must be at least 1, found {r_default}.")
+    alpha_default = float(_field(config, "lora_alpha", "number", path, r_default))
+    rslora = _field(config, "use_rslora", "bool?", path, False) or False
+    rank_patterns = _peft_patterns(config, "rank_pattern", "int", path)
+    alpha_patterns = _peft_patterns(config, "alpha_pattern", "number", path)
+    base = _field(config, "base_model_name_or_path", "str?", path, None)
+    revision = _field(config, "revision", "str?", path, None)
     weights = folder / PEFT_WEIGHTS_NAME
     if not weights.is_file() and (folder / PEFT_PICKLE_NAME).is_file():
         raise AdapterFileError(
@@ -770,9 +986,6 @@ def _load_peft(folder: Path) -> ContextAdapter:
                 pairs.setdefault(module, {})[part] = tensor
     if not pairs:
         raise AdapterFileError(f"{weights} holds no LoRA factors (keys like '...q_proj.lora_A.weight').")
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    rslora = bool(config.get("use_rslora", False))
     factors = {}
     for module, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -782,15 +995,15 @@ def _load_peft(folder: Path) -> ContextAdapter:
             raise AdapterFileError(
                 f"{weights}: module {module!r} has non-matrix factors (conv LoRA?); unsupported."
             )
-        r = int(_peft_pattern_value(config.get("rank_pattern") or {}, module, r_default))
-        alpha = float(_peft_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
-        if A.shape[0] != r:
+        r = _peft_pattern_value(rank_patterns, module, r_default)
+        alpha = float(_peft_pattern_value(alpha_patterns, module, alpha_default))
+        if A.shape[0] != r or r < 1:
             raise AdapterFileError(
                 f"{weights}: module {module!r} has rank {A.shape[0]} but the config says r={r}."
             )
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         factors[module] = LoraFactors(A, B, scale)
-    return ContextAdapter(factors, config.get("base_model_name_or_path"), config.get("revision"))
+    return _build_loaded(factors, weights, base, revision, None)
 
 
 def _download_adapter(repo_id: str, revision: str | None, **hub_kwargs: Any) -> Path:

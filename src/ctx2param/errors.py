@@ -21,3 +21,11 @@ class QuantizedMergeError(Ctx2ParamError, TypeError):
 
 class ContextError(Ctx2ParamError, ValueError):
     """A context given to a generator is empty, malformed or cannot be chunked."""
+
+
+class TiedWeightMergeError(Ctx2ParamError, ValueError):
+    """A merge for good into a weight that another part of the model shares (tied embeddings)."""
+
+
+class PublishError(Ctx2ParamError, OSError):
+    """Something cannot be published: offline mode, no network, a bad folder, or the Hub refused it."""

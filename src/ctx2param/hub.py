@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from .cards import CardData, is_hub_model_id, render_generator_card
-from .errors import Ctx2ParamError
+from .errors import PublishError
 from .modeling_utils import (
     CONFIG_NAME,
     WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
     CheckpointError,
     ContextAdaptationModel,
     register_publisher,
     registered_methods,
+    weight_file_names,
 )
 
 __all__ = [
@@ -53,10 +53,6 @@ CARD_DATA_NAME = "card_data.json"
 README_NAME = "README.md"
 BASE_PREFIX = "base_lm."
 _WEIGHT_PATTERNS = ["*.safetensors", WEIGHTS_INDEX_NAME]
-
-
-class PublishError(Ctx2ParamError, OSError):
-    """A generator cannot be published: offline mode, a bad folder, or the Hub refused the upload."""
 
 
 # ------------------------------------------------------------------------------------------- card data
@@ -111,14 +107,7 @@ def weight_files(folder: str | os.PathLike) -> list[str]:
     """Names of the generator's weight files in ``folder`` (from the shard index, else ``model.safetensors``);
     raises :class:`CheckpointError` when one is missing."""
     folder = Path(folder)
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no weight_map.")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [WEIGHTS_NAME]
+    files = weight_file_names(folder)  # shard names are checked to stay inside the folder
     for name in files:
         if not (folder / name).is_file():
             raise CheckpointError(

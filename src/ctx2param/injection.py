@@ -26,11 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ContextAdapter, LoraFactors
-from .errors import AdapterMismatchError, QuantizedMergeError
+from .adapter import ContextAdapter, LoraFactors, bases_differ, normalize_base_id
+from .errors import AdapterMismatchError, QuantizedMergeError, TiedWeightMergeError
 from .modules import is_conv1d, is_quantized_module, module_shape
 
 logger = logging.getLogger(__name__)
+
+#: Attribute of a model holding further ids it answers to as a base (set by ``ContextAdaptationModel`` when
+#: a generator's config names its base by an id other than the one the loaded model records).
+BASE_ALIASES_ATTR = "_ctx2param_base_aliases"
 
 __all__ = [
     "AdapterHandle",
@@ -57,8 +61,31 @@ def _adapter_root(model: nn.Module) -> nn.Module:
 
 
 def resolve_adapter_modules(model: nn.Module, adapter: ContextAdapter) -> dict[str, nn.Module]:
-    """``{name: module}`` for every target of ``adapter`` in ``model``, checking that shapes agree."""
+    """``{name: module}`` for every target of ``adapter`` in ``model``, checking that the adapter was made for
+    this base model and that shapes agree.
+
+    Base ids are compared normalised (:func:`ctx2param.adapter.normalize_base_id`): a folder, a relative
+    path to it and its absolute path are one base, and so are a Hub id and its folder in the Hugging Face
+    cache. The model's ids are its ``name_or_path`` (what it was loaded from) and any alias in
+    :data:`BASE_ALIASES_ATTR`. An adapter that names no base, a model that records none, and a Hub id
+    against an unrelated local folder (which may hold a copy of it) are accepted; otherwise a different
+    base is an :class:`AdapterMismatchError`.
+    """
     root = _adapter_root(model)
+    if adapter.base_model:
+        config = getattr(root, "config", None)
+        own = [getattr(root, "name_or_path", None), getattr(config, "_name_or_path", None)]
+        own += list(getattr(root, BASE_ALIASES_ATTR, ()))
+        own = [str(i) for i in dict.fromkeys(own) if i]
+        wanted = normalize_base_id(adapter.base_model)
+        same = any(normalize_base_id(i) == wanted for i in own)
+        if not same and any(bases_differ(i, adapter.base_model) for i in own):
+            raise AdapterMismatchError(
+                f"The adapter was made for the base model {adapter.base_model!r}, but this "
+                f"{type(root).__name__} is {own[0]!r}. Apply it to the model it was made for. If it does fit "
+                f"this one (the same weights in another place), say so by re-tagging it: "
+                f"ContextAdapter(dict(adapter), base_model={own[0]!r})."
+            )
     modules = dict(root.named_modules())
     resolved = {}
     for name, factors in adapter.items():
@@ -235,7 +262,10 @@ def apply_adapter(
             are never written. ``True``: ΔW is added into the float weights for the block (no per-token
             cost: decoding runs at the bare model's speed), and the original weights, kept as a copy of the
             target modules' weights meanwhile (extra memory of their size), are copied back on exit, bit
-            for bit. Quantized target modules raise :class:`~ctx2param.errors.QuantizedMergeError` before
+            for bit. A target whose weight another part of the model shares (SmolLM2's ``lm_head`` and
+            its input embeddings) gets its own merged copy for the block instead, so the other part keeps
+            computing with W: the result is the hooked one, and on exit the shared tensor is put back, tie
+            included. Quantized target modules raise :class:`~ctx2param.errors.QuantizedMergeError` before
             anything changes.
 
     Example:
@@ -249,14 +279,22 @@ def apply_adapter(
         return
     if merge:
         modules = _mergeable_modules(model, adapter)  # batched or quantized: an error, nothing changed
-        originals = {name: module.weight.detach().clone() for name, module in modules.items()}
+        tied = _tied_weights(model, modules)
+        originals = {name: m.weight.detach().clone() for name, m in modules.items() if name not in tied}
+        untied: dict[str, nn.Parameter] = {}
         try:
+            for name in tied:  # a weight shared with another part (tied embeddings): a copy for the block
+                weight = modules[name].weight
+                untied[name] = weight
+                modules[name].weight = nn.Parameter(weight.detach().clone(), weight.requires_grad)
             _add_delta(modules, adapter, 1.0)
             yield model
         finally:
             with torch.no_grad():
                 for name, weight in originals.items():
                     modules[name].weight.copy_(weight)
+            for name, weight in untied.items():  # the shared tensor itself: the tie is as before
+                modules[name].weight = weight
         return
     handle = attach_adapter(model, adapter)
     try:
@@ -279,6 +317,46 @@ def _mergeable_modules(model: nn.Module, adapter: ContextAdapter) -> dict[str, n
     return modules
 
 
+def _tied_weights(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """``{target: [other parameters sharing its weight's storage]}`` for the targets whose weight is tied.
+
+    Two targets that share one weight (one module under two names) cannot take two merges: an error.
+    """
+    root = _adapter_root(model)
+    by_storage: dict[int, list[str]] = {}
+    for pname, param in root.named_parameters(remove_duplicate=False):
+        if param.numel() and param.device.type != "meta":
+            by_storage.setdefault(param.untyped_storage().data_ptr(), []).append(pname)
+    tied: dict[str, list[str]] = {}
+    claimed: dict[int, str] = {}
+    for name, module in modules.items():
+        weight = module.weight
+        if not weight.numel() or weight.device.type == "meta":
+            continue
+        ptr = weight.untyped_storage().data_ptr()
+        if ptr in claimed:
+            raise AdapterMismatchError(
+                f"Targets {claimed[ptr]!r} and {name!r} share one weight; a merge would add both updates "
+                "to it. Use apply_adapter(model, adapter) without merge."
+            )
+        claimed[ptr] = name
+        others = [n for n in by_storage.get(ptr, []) if n != f"{name}.weight"]
+        if others:
+            tied[name] = others
+    return tied
+
+
+def _refuse_tied(model: nn.Module, modules: dict[str, nn.Module], what: str) -> None:
+    tied = _tied_weights(model, modules)
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise TiedWeightMergeError(
+            f"Cannot {what} into {name!r}: its weight is shared with {others[:3]} (tied weights, such as "
+            "an LM head tied to the input embeddings), so they would change too. Use apply_adapter(model, "
+            "adapter, merge=True), which merges into a copy for the block, or attach it unmerged."
+        )
+
+
 def _add_delta(modules: dict[str, nn.Module], adapter: ContextAdapter, sign: float) -> None:
     """W ← W + sign · ΔW on each module (ΔW computed in float32, rounded once to the weight's dtype)."""
     with torch.no_grad():
@@ -297,14 +375,20 @@ def merge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
     """Add ΔW into the float weights of ``model`` (W ← W + ΔW, computed in float32).
 
     Quantized layers raise :class:`~ctx2param.errors.QuantizedMergeError`; nothing is changed then. For a
-    merge undone exactly at the end of a block, use ``apply_adapter(model, adapter, merge=True)``.
+    merge undone exactly at the end of a block, use ``apply_adapter(model, adapter, merge=True)``. A target
+    whose weight is tied to another part of the model raises :class:`~ctx2param.errors.TiedWeightMergeError`
+    (that part would change too).
     """
-    _add_delta(_mergeable_modules(model, adapter), adapter, 1.0)
+    modules = _mergeable_modules(model, adapter)
+    _refuse_tied(model, modules, "merge")
+    _add_delta(modules, adapter, 1.0)
 
 
 def unmerge_adapter(model: nn.Module, adapter: ContextAdapter) -> None:
     """Subtract a merged ΔW again (exact up to the rounding of the weight dtype)."""
-    _add_delta(_mergeable_modules(model, adapter), adapter, -1.0)
+    modules = _mergeable_modules(model, adapter)
+    _refuse_tied(model, modules, "unmerge")
+    _add_delta(modules, adapter, -1.0)
 
 
 # ------------------------------------------------------------------------------------ stacked adapters

@@ -28,7 +28,7 @@ from .compat import dtype_kwargs
 from .configuration_utils import ContextAdaptationConfig
 from .errors import AdapterMismatchError, ContextError, Ctx2ParamError
 from .file_utils import write_folder_atomically
-from .injection import apply_adapter, keep_4bit_exact
+from .injection import BASE_ALIASES_ATTR, apply_adapter, keep_4bit_exact
 from .modules import target_module_shapes
 
 CONFIG_NAME = "config.json"
@@ -233,6 +233,12 @@ class ContextAdaptationModel(PreTrainedModel):
         self.base_lm = base_model.eval()
         self.tokenizer = tokenizer
         self.check_base_shapes(base_model)
+        # the generator's adapters name the base as its config does; the base model answers to that id too
+        # (apply_adapter compares ids), also when it was loaded from elsewhere (base_model=...)
+        base_id = config.base_model_name_or_path
+        aliases = tuple(getattr(base_model, BASE_ALIASES_ATTR, ()))
+        if base_id and base_id not in aliases:
+            setattr(base_model, BASE_ALIASES_ATTR, (*aliases, base_id))
 
     # ------------------------------------------------------------------------------- transformers hooks
     def init_weights(self) -> None:
@@ -633,15 +639,40 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return data
 
 
+def weight_file_names(folder: str | os.PathLike) -> list[str]:
+    """Names of a generator folder's weight files: those the shard index lists, else ``model.safetensors``.
+
+    The index must be a JSON object whose ``weight_map`` maps tensor names to plain file names in the
+    folder itself: a name with a folder part (``../x``, ``sub/x``), an absolute path or a non-string is a
+    :class:`CheckpointError`, so an index can never make the loader read a file outside the folder.
+    """
+    index = Path(folder) / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return [WEIGHTS_NAME]
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"Cannot read the shard index {index}: {err}.") from err
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"The shard index {index} has no weight_map (tensor name -> shard file).")
+    for tensor, name in weight_map.items():
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or Path(name).name != name
+            or "\\" in name
+            or os.path.isabs(name)
+        ):
+            raise CheckpointError(
+                f"The shard index {index} maps {tensor!r} to {name!r}, which is not a file name in the "
+                "folder; shard files must lie beside the index. The checkpoint is damaged or not trustworthy."
+            )
+    return sorted(set(weight_map.values()))
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"Cannot read the shard index {index}: {err}.") from err
-    else:
-        files = [WEIGHTS_NAME]
+    files = weight_file_names(folder)
     state: dict[str, torch.Tensor] = {}
     for name in files:
         path = folder / name
