@@ -169,18 +169,16 @@ def _first_nonfinite(
     """``(module, "A" or "B", number of bad entries)`` of the first factor holding NaN or ±Inf, else ``None``.
 
     Every factor's ``isfinite(...).all()`` is reduced on its device and stacked, then read with a single
-    host sync; only when that fails are the factors searched for the culprit. Factors that require grad
-    (an autograd graph inside training) are skipped with ``skip_grad``, as are meta tensors and code being
-    compiled, where a host sync is not possible.
+    host sync; only when that fails are the factors searched for the culprit. With ``skip_grad``, an adapter
+    any of whose factors requires grad (an autograd graph: inside training, where a sync per step would
+    cost throughput) is not checked at all. Meta tensors and code being compiled are never checked.
     """
     if torch.compiler.is_compiling():
         return None
-    named = [
-        (name, which, t)
-        for name, f in factors.items()
-        for which, t in (("A", f.A), ("B", f.B))
-        if not (skip_grad and t.requires_grad) and t.device.type != "meta"
-    ]
+    pairs = [(name, which, t) for name, f in factors.items() for which, t in (("A", f.A), ("B", f.B))]
+    if skip_grad and any(t.requires_grad for _, _, t in pairs):
+        return None
+    named = [(name, which, t) for name, which, t in pairs if t.device.type != "meta"]
     if not named:
         return None
     flags = torch.stack([torch.isfinite(t).all() for _, _, t in named])
@@ -207,9 +205,9 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         base_revision: that base model's revision, when known.
         metadata: free JSON-serialisable information (e.g. how a context was chunked).
         check_finite: refuse factors holding NaN or ±Inf (a ``ValueError`` naming the module), with one host
-            sync per adapter. Factors that require grad are never checked (inside training the check would
-            cost a sync per step); saving checks them all again. Adapters derived from checked ones by the
-            algebra (``+``, ``*``, ``compose``, ``stack``, ``unbind``, ...) are not checked again.
+            sync per adapter. An adapter with factors that require grad is not checked (inside training the
+            check would cost a sync per step); saving checks every factor. Adapters derived from checked ones
+            by the algebra (``+``, ``*``, ``compose``, ``stack``, ``unbind``, ...) are not checked again.
 
     Example:
         >>> merged = a + 0.5 * b          # ΔW_a + 0.5 ΔW_b, exactly (ranks concatenate)
