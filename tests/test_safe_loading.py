@@ -104,6 +104,11 @@ def test_the_check_is_one_host_sync_and_skipped_inside_autograd(monkeypatch, tmp
     reads.clear()
     adapter = ContextAdapter(poisoned(float("nan"), requires_grad=True))  # training: no sync, no check
     assert reads == []
+    mixed = factors()  # one trainable factor is enough to be inside training
+    name = next(iter(mixed))
+    mixed[name] = LoraFactors(mixed[name].A.requires_grad_(), mixed[name].B, 1.0)
+    ContextAdapter(mixed)
+    assert reads == []
     reads.clear()
     a, b = ContextAdapter(factors(0)), ContextAdapter(factors(1))
     reads.clear()
