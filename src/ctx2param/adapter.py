@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import AdapterFileError, AdapterMismatchError
+from .errors import AdapterFileError, AdapterMismatchError, Ctx2ParamError, PublishError
 from .file_utils import sha256_file, write_folder_atomically
 from .modules import target_module_shapes
 
@@ -40,7 +40,21 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."
 
-__all__ = ["ContextAdapter", "LoraFactors", "compose", "stack"]
+__all__ = ["ContextAdapter", "LoraFactors", "compose", "register_card_renderer", "stack"]
+
+#: What :meth:`ContextAdapter.push_to_hub` renders its model card with: ``cards.render_adapter_card``,
+#: registered by :func:`register_card_renderer` when ``ctx2param.cards`` is imported (``import ctx2param``
+#: does). A hook rather than an import: the card code sits above the adapter (it reads adapters), so this
+#: module never imports it and the two do not import each other.
+_CARD_RENDERER: Any = None
+
+
+def register_card_renderer(renderer: Any) -> None:
+    """Make ``renderer(adapter, **card_data) -> str`` what ``push_to_hub`` writes as the README.md."""
+    global _CARD_RENDERER
+    if not callable(renderer):
+        raise TypeError(f"The card renderer must be callable, got {type(renderer).__name__}.")
+    _CARD_RENDERER = renderer
 
 
 @dataclass(frozen=True)
@@ -658,6 +672,20 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         ``HF_HUB_OFFLINE=1`` uses the cache only). Only safetensors files are read.
         """
         folder = Path(path_or_repo_id)
+        if folder.is_file():
+            inside = folder.name in (
+                ADAPTER_CONFIG_NAME,
+                ADAPTER_WEIGHTS_NAME,
+                PEFT_CONFIG_NAME,
+                PEFT_WEIGHTS_NAME,
+            )
+            hint = (
+                f"pass its folder, {folder.parent}" if inside else "pass the folder an adapter was saved to"
+            )
+            raise AdapterFileError(
+                f"{folder} is a file, not an adapter folder: {hint} (it holds {ADAPTER_CONFIG_NAME} or "
+                f"{PEFT_CONFIG_NAME}; `ctx2param adapt` and save_pretrained write one)."
+            )
         if not folder.is_dir():
             folder = _download_adapter(str(path_or_repo_id), revision, **hub_kwargs)
         if (folder / ADAPTER_CONFIG_NAME).is_file():
@@ -681,19 +709,39 @@ class ContextAdapter(Mapping[str, LoraFactors]):
         commit_message: str = "Upload context adapter",
         card_data: Mapping[str, Any] | None = None,
     ) -> str:
-        """Publish as a PEFT LoRA repository with a model card linking its base; returns the commit URL."""
-        from huggingface_hub import HfApi
+        """Publish as a PEFT LoRA repository with a model card linking its base; returns the commit URL.
 
-        from .cards import render_adapter_card  # the card renderer sits beside adapters, below the models
+        Raises:
+            PublishError: offline mode, no network, or the Hub refused the upload (one line, no traceback).
+        """
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.errors import HfHubHTTPError
 
+        from .compat import hub_unreachable_message, network_errors
+
+        if _CARD_RENDERER is None:
+            raise Ctx2ParamError(
+                "No adapter card renderer is registered: import ctx2param (or ctx2param.cards)."
+            )
+        if constants.HF_HUB_OFFLINE:
+            raise PublishError(
+                "Cannot publish while HF_HUB_OFFLINE=1 (the Hub client is offline). Unset it to upload."
+            )
         api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "adapter", format="peft")
-            (folder / "README.md").write_text(
-                render_adapter_card(self, **dict(card_data or {})), encoding="utf-8"
-            )
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+            (folder / "README.md").write_text(_CARD_RENDERER(self, **dict(card_data or {})), encoding="utf-8")
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                info = api.upload_folder(
+                    repo_id=repo_id, folder_path=str(folder), commit_message=commit_message
+                )
+            except HfHubHTTPError as err:
+                raise PublishError(f"The Hub refused to publish {repo_id!r}: {err}") from err
+            except network_errors() as err:
+                raise PublishError(
+                    hub_unreachable_message(err, f"publish {repo_id!r}", offline_hint=False)
+                ) from err
         return str(getattr(info, "commit_url", info))
 
 

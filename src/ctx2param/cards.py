@@ -9,7 +9,9 @@ training and evaluation is collected in a :class:`CardData` that the trainer and
 returns the one attached to a model.
 
 This module sits low in the package: it imports only ``huggingface_hub``, ``jinja2`` and ctx2param's adapter
-types (a generator's config is read by duck typing, a mapping or an object with ``to_dict()``).
+types (a generator's config is read by duck typing, a mapping or an object with ``to_dict()``). The import
+goes one way: ``adapter.py`` does not import this module; ``ContextAdapter.push_to_hub`` renders its card
+through :func:`ctx2param.adapter.register_card_renderer`, which this module calls when it is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .adapter import ContextAdapter
+from .adapter import ContextAdapter, register_card_renderer
 from .environment import DEFAULT_PACKAGES, library_versions
 from .errors import Ctx2ParamError
 from .file_utils import write_text_atomically
@@ -545,3 +547,7 @@ def render_adapter_card(adapter: ContextAdapter, **card_data: Any) -> str:
         citations=_citations(method),
         versions=framework_versions(),
     )
+
+
+# ``ContextAdapter.push_to_hub`` renders its card with this (adapter.py never imports this module).
+register_card_renderer(render_adapter_card)

@@ -8,8 +8,9 @@ also sets ``pass_extra_args=True`` and finds them in ``args.extra_args``. Module
 the others: its command is listed as unavailable and says why when run.
 
 Errors that come from what the user asked for (:class:`~ctx2param.errors.Ctx2ParamError`, ``ValueError``,
-``OSError``, a missing optional package) are printed as ``error: ...`` with exit status 1, without a
-traceback; set ``CTX2PARAM_DEBUG=1`` (or pass ``--debug``) to see the traceback. Usage errors exit with 2.
+``OSError``, a missing optional package, a Hub that cannot be reached) are printed as one ``error: ...``
+line with exit status 1, without a traceback; set ``CTX2PARAM_DEBUG=1`` (or pass ``--debug``) to see the
+traceback. Usage errors exit with 2.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def _import_plugins(modules: Sequence[str]) -> None:
             raise Ctx2ParamError(f"--import {name}: cannot import it ({err}).") from err
 
 
+def _one_line(message: str) -> str:
+    """An error message on one line (libraries' messages often span several)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     parser = build_parser()
@@ -110,7 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Ctx2ParamError, ValueError, OSError, ImportError) as err:
         if debug:
             raise
-        message = str(err) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(str(err) or type(err).__name__)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:
+        from .compat import hub_unreachable_message, network_errors
+
+        if debug or not isinstance(err, network_errors()):
+            raise
+        print(f"error: {_one_line(hub_unreachable_message(err, 'reach the Hub'))}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK if status is None else int(status)

@@ -211,6 +211,8 @@ def _upload(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .compat import hub_unreachable_message, network_errors
+
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -225,6 +227,9 @@ def _upload(
         )
     except HfHubHTTPError as err:
         raise PublishError(f"The Hub refused to publish {repo_id!r}: {err}") from err
+    except network_errors() as err:  # no network, refused, timed out: one line, not the client's traceback
+        message = hub_unreachable_message(err, f"publish {repo_id!r}", offline_hint=False)
+        raise PublishError(message) from err
     return str(getattr(info, "commit_url", info))
 
 

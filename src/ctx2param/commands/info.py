@@ -2,7 +2,8 @@
 
 For a generator: method, base model, target modules, rank, number of the method's own parameters and the
 size of its weights (from ``config.json`` and the safetensors headers). For an adapter folder, ctx2param's own
-format or a PEFT LoRA: base model, modules, rank, parameters, dtype and size.
+format or a PEFT LoRA: base model, modules, rank, parameters, dtype and size. A plain transformers model (a
+base causal LM, e.g. ``info smollm2``) is described as what it is: a base model, not a generator.
 """
 
 from __future__ import annotations
@@ -88,17 +89,45 @@ def describe_adapter(folder: Path) -> dict[str, Any]:
     }
 
 
+def describe_base_model(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Summary of a plain transformers model folder (a base causal LM, not a generator)."""
+    from ..hub import describe_checkpoint
+    from ..modeling_utils import CheckpointError
+
+    summary: dict[str, Any] = {
+        "kind": "base model",
+        "model_type": config.get("model_type"),
+        "architectures": list(config.get("architectures") or []),
+        "num_parameters": None,
+        "dtypes": {},
+        "size_bytes": None,
+        "files": [],
+    }
+    try:
+        weights = describe_checkpoint(folder)
+    except CheckpointError:  # e.g. weights not in safetensors: described without the count
+        return summary
+    summary.update({k: weights[k] for k in ("num_parameters", "dtypes", "size_bytes", "files")})
+    return summary
+
+
 def describe(target: str, revision: str | None = None) -> dict[str, Any]:
     """Describe a generator or adapter folder, or a Hub repository holding one."""
     from ..errors import Ctx2ParamError
     from ..hub import describe_checkpoint
+    from ..modeling_utils import is_plain_model_type
+    from ..testing_utils import resolve_model_name
 
-    path = Path(target)
+    path = Path(resolve_model_name(target))
     if path.exists() and not path.is_dir():
         raise Ctx2ParamError(f"{path} is a file; pass the folder that holds it.")
     folder = path if path.is_dir() else _fetch(target, revision)
     if (folder / "config.json").is_file():
-        summary = describe_checkpoint(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and is_plain_model_type(config.get("model_type")):
+            summary = describe_base_model(folder, config)
+        else:
+            summary = describe_checkpoint(folder)
     elif (folder / "ctx2param_adapter.json").is_file() or (folder / "adapter_config.json").is_file():
         summary = describe_adapter(folder)
     else:
@@ -110,7 +139,23 @@ def describe(target: str, revision: str | None = None) -> dict[str, Any]:
     return {"source": str(target), **summary}
 
 
+def _base_model_text(summary: dict[str, Any]) -> str:
+    architectures = ", ".join(summary["architectures"]) or "unknown architecture"
+    rows = [
+        ("kind", "base model (a plain causal LM, not a ctx2param generator)"),
+        ("model type", f"{summary['model_type']} ({architectures})"),
+    ]
+    if summary["num_parameters"] is not None:
+        rows.append(("parameters", f"{summary['num_parameters']:,} ({', '.join(summary['dtypes'])})"))
+        rows.append(("size", f"{summary['size_bytes'] / 1e6:.2f} MB in {len(summary['files'])} file(s)"))
+    rows.append(("use", f"as the base of a generator: --base {summary['source']}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
+
+
 def _text(summary: dict[str, Any]) -> str:
+    if summary["kind"] == "base model":
+        return _base_model_text(summary)
     base = summary["base_model"] or "(not recorded)"
     if summary.get("base_revision"):
         base += f" @ {summary['base_revision']}"

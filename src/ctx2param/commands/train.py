@@ -15,7 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAIN_METHODS", "load_training_examples", "register", "run", "sources_file", "training_methods"]
+__all__ = [
+    "TRAIN_METHODS",
+    "check_sources",
+    "load_training_examples",
+    "register",
+    "run",
+    "sources_file",
+    "training_methods",
+]
 
 #: Command-line method name -> model_type of the registered method.
 TRAIN_METHODS: dict[str, str] = {
@@ -102,7 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "method", metavar="METHOD", help="compas, dyprag, stream-adapter, or another registered method"
     )
     parser.add_argument(
-        "--base", metavar="ID_OR_DIR", help="base causal LM (default with --init-from: its own)"
+        "--base",
+        metavar="ID_OR_DIR",
+        help="base causal LM ('smollm2': the bundled SmolLM2-135M-Instruct; with --init-from: its own)",
     )
     parser.add_argument(
         "--data",
@@ -184,7 +194,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and chunks")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --out (a half-written one is skipped)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete what --out holds (an earlier run) and start afresh; without it (or --resume) a "
+        "non-empty --out is refused",
+    )
     parser.add_argument(
         "--eval-data",
         nargs="+",
@@ -247,6 +267,28 @@ def _recorded_sources(source: str) -> list[dict[str, Any]] | None:
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") for e in entries):
         raise ValueError(f"{path} must hold a list of data-set entries, each with a 'name'.")
     return entries
+
+
+def check_sources(sources: list[str]) -> None:
+    """Fail fast, before any model loads: every ``--data`` source is a built-in name or a readable JSONL file
+    of valid records (parsed here; passages are cut into examples later, with the tokenizer)."""
+    from ..training import data
+
+    if not sources:
+        raise ValueError(f"--data needs at least one source: {', '.join(DATA_SOURCES)} or a JSONL file.")
+    for source in sources:
+        if source in DATA_SOURCES:
+            continue
+        path = Path(source)
+        if path.is_dir():
+            raise IsADirectoryError(f"--data {source!r} is a folder; pass a JSONL file or a built-in source.")
+        if not path.is_file():
+            raise ValueError(
+                f"--data {source!r} is neither a file nor one of {', '.join(DATA_SOURCES)}. SQuAD, ARC and "
+                "MMLU are evaluation data and cannot be trained on."
+            )
+        if not data.load_jsonl(path):
+            raise ValueError(f"--data {source!r} holds no records (an empty JSONL file).")
 
 
 def load_training_examples(
@@ -375,6 +417,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"Unknown method {args.method!r}; trainable methods: {', '.join(sorted(methods))}.")
     if args.base is None and args.init_from is None:
         raise ValueError("Give the base model with --base (or a generator to fine-tune with --init-from).")
+    check_sources(args.data)  # a bad --data (or --eval-data) fails before anything loads
+    if args.eval_data:
+        check_sources(args.eval_data)
     settings = _parse_settings(args.settings)
     for flag, key in (
         ("chunk_tokens", "chunk_tokens"),
@@ -383,20 +428,26 @@ def run(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is a file.")
+    from ..training.checkpoints import prepare_output_dir
+
+    # refuses a non-empty --out without --resume / --overwrite (and clears it with --overwrite), up front
+    out = prepare_output_dir(args.out, resume=args.resume, overwrite=args.overwrite)
 
     import torch
 
     from ..auto import AutoModelForContextAdaptation
     from ..training.trainer import train_method
+    from . import resolve_model_arguments, status
+
+    resolve_model_arguments(args, ("base", "init_from"))  # 'smollm2': the bundled SmolLM2-135M-Instruct
 
     config_class, model_class = methods[args.method]
     torch.manual_seed(args.seed)
     from ..training.trainer import latest_checkpoint
 
-    checkpoint = latest_checkpoint(out) if args.resume else None
+    loading = f"the generator {args.init_from}" if args.init_from else f"the base model {args.base}"
+    checkpoint = latest_checkpoint(out) if args.resume else None  # the newest complete one
+    status(f"loading {'the checkpoint ' + str(checkpoint) if checkpoint is not None else loading} ...")
     if checkpoint is not None:  # continue the run: its checkpoint's config (and weights) decide
         model = AutoModelForContextAdaptation.from_pretrained(checkpoint, base_model=args.base)
         if not isinstance(model, model_class):

@@ -50,13 +50,14 @@ that were split over k or systems (e.g. run side by side), and ``write_report`` 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..file_utils import write_text_atomically
+from ..file_utils import write_bytes_atomically, write_text_atomically
 
 __all__ = [
     "SCHEMA",
@@ -324,8 +325,12 @@ def plot_results(data: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        png = io.BytesIO()
+        try:
+            fig.savefig(png, format="png", dpi=120)
+        finally:
+            plt.close(fig)
+        write_bytes_atomically(path, png.getvalue())  # a reader (or a kill) never meets half a plot
         paths.append(path)
     return paths
 

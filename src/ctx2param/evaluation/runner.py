@@ -232,9 +232,24 @@ def is_generator(name_or_path: str, revision: str | None = None) -> bool:
         except (OSError, json.JSONDecodeError, AttributeError) as err:
             raise OSError(f"Cannot read {config}: {err}.") from err
         return model_type in registered_methods()
+    from huggingface_hub import constants
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+    from ..modeling_utils import CheckpointError
+
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+    except OSError as err:
+        where = (
+            "HF_HUB_OFFLINE=1 forbids downloading it"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub did not serve it (check the id, the revision and the network)"
+        )
+        raise CheckpointError(
+            f"Cannot find the model {str(name_or_path)!r}: it is not a local folder and not in the Hugging "
+            f"Face cache, and {where}. Pass a local folder, or 'smollm2' for the bundled "
+            "SmolLM2-135M-Instruct, or download it once while online."
+        ) from err
     return getattr(config, "model_type", None) in registered_methods()
 
 

@@ -404,10 +404,13 @@ class ContextAdaptationTrainer(Trainer):
         """``Trainer.train``, timed for the card data (a resumed run adds the time its checkpoint records)."""
         self._time_before = 0.0
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
+        if checkpoint is True:  # the newest *complete* checkpoint: a half-written one is skipped (warned)
+            from .checkpoints import latest_complete_checkpoint
 
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            found = latest_complete_checkpoint(self.args.output_dir, not self.args.save_only_model)
+            if found is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+            checkpoint = resume_from_checkpoint = str(found)
         if isinstance(checkpoint, (str, os.PathLike)) and (Path(checkpoint) / CARD_DATA_NAME).is_file():
             try:
                 self._time_before = CardData.load(Path(checkpoint) / CARD_DATA_NAME).training_time_s or 0.0
