@@ -17,7 +17,7 @@ VENV="${CTX2PARAM_VENV:-$ROOT/.venv}"
 PY_BOOT="${PYTHON:-python3}"
 STAMP="$VENV/.ctx2param-stamp"
 
-# Pins that are installed outside the constraints-driven resolve (see ENVIRONMENT.md).
+# Pins that are installed outside the constraints-driven resolve (see "Working offline" in README.md).
 # On Linux the CPU build carries the local label +cpu; asking for it exactly means pip can never pick a CUDA
 # build (PyPI's plain torch wheels for Linux are CUDA builds): without a reachable +cpu wheel the install
 # stops with an error instead. macOS wheels are CPU-only and unlabelled.

@@ -1,5 +1,9 @@
 """ctx2param: turn context into adapter parameters for Hugging Face causal language models."""
 
+# First: importing compat filters bitsandbytes' line about installing `kernels` (which ctx2param's users must
+# not install) out of whatever imports bitsandbytes later (transformers, for a quantized base).
+from . import compat as _compat  # noqa: F401
+
 # Importing hub registers ctx2param.hub.push_to_hub as what model.push_to_hub(repo_id) runs.
 from . import hub as _hub  # noqa: F401
 from .adapter import ContextAdapter, LoraFactors, compose, stack

@@ -6,9 +6,35 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 from typing import Any
 
-__all__ = ["dtype_kwargs", "hub_unreachable_message", "network_errors"]
+__all__ = ["dtype_kwargs", "hub_unreachable_message", "network_errors", "silence_bitsandbytes_kernels_notice"]
+
+#: The logger bitsandbytes' CPU backend warns on, at import time, when the ``kernels`` package is missing.
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _KernelsNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community ... pip install
+    kernels" warning (ctx2param's users must not install ``kernels``: with it, transformers and bitsandbytes
+    fetch code from the Hub; bitsandbytes then falls back to its own kernels, which is what it should do).
+    Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is not ours to judge
+            return True
+        return not ("kernels-community" in message and "pip install kernels" in message)
+
+
+def silence_bitsandbytes_kernels_notice() -> None:
+    """Install the filter on bitsandbytes' CPU logger (idempotent; bitsandbytes need not be imported yet:
+    the logger it will use is created now and keeps the filter)."""
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    if not any(isinstance(f, _KernelsNotice) for f in logger.filters):
+        logger.addFilter(_KernelsNotice())
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:
@@ -54,3 +80,6 @@ def hub_unreachable_message(err: BaseException, doing: str = "reach it", offline
         f"({type(err).__name__}: {str(err).strip() or 'no answer'}). Check the network connection and "
         f"HF_ENDPOINT, then try again{hint}."
     )
+
+
+silence_bitsandbytes_kernels_notice()  # at import: before anything imports bitsandbytes

@@ -9,7 +9,7 @@ a batch of ``N·m`` rows (beam search, ``num_return_sequences``) repeats each ad
 
 bitsandbytes ``Linear4bit`` on CPUs with AVX512-BF16 repacks its weight for a bfloat16 kernel the first time
 it runs in eval mode on an input that needs no gradient, and from then on passes no gradient to its input
-(ENVIRONMENT.md's trap): adapter factors of earlier layers then get silently wrong gradients. Attaching an
+(a bitsandbytes trap): adapter factors of earlier layers then get silently wrong gradients. Attaching an
 adapter therefore turns that repacking off on every ``Linear4bit`` of the model (and warns about layers
 already repacked, which it leaves as they are so that detaching restores the model exactly); the base model
 loader calls :func:`keep_4bit_exact` right after loading, before any forward pass.
