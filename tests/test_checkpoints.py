@@ -107,13 +107,16 @@ def test_resume_true_continues_from_the_newest_complete_checkpoint(run_dir, tmp_
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
     assert steps == [1, 2, 3, 4]  # 1-2 from checkpoint-2's state, 3-4 trained again
     assert checkpoint_problems(run / "checkpoint-3") == []  # saved again, complete this time
-    for folder in (run / "checkpoint-1", run / "checkpoint-2"):
-        for p in folder.iterdir():
-            p.unlink()
-    for step in (3, 4):
+    assert trainer.metrics["resumed_from"] == str(run / "checkpoint-2")
+    for step in (1, 2, 3, 4):
         (run / f"checkpoint-{step}" / "optimizer.pt").unlink()
-    with pytest.raises(ValueError, match="No complete checkpoint to resume from"):
-        train_method(make(), EXAMPLES, run, max_steps=5, resume_from_checkpoint=True, **QUIET)
+    # nothing complete to continue: train_method starts afresh (the command line refuses --resume then)
+    again = train_method(make(), EXAMPLES, run, max_steps=1, resume_from_checkpoint=True, **QUIET)
+    assert again.metrics["resumed_from"] is None and again.state.global_step == 1
+    for optimizer in run.glob("checkpoint-*/optimizer.pt"):
+        optimizer.unlink()
+    with pytest.raises(ValueError, match="No complete checkpoint to resume from"):  # as Trainer.train(True)
+        again.train(resume_from_checkpoint=True)
 
 
 def test_model_only_checkpoints_need_no_optimizer(run_dir, tmp_path):

@@ -584,7 +584,7 @@ def train_method(
         max_seconds=None if max_minutes is None else 60.0 * max_minutes,
     )
     if resume_from_checkpoint is True:
-        found = latest_checkpoint(args.output_dir)
+        found = latest_checkpoint(args.output_dir, not args.save_only_model)
         resume_from_checkpoint = str(found) if found is not None else None
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.metrics = trainer.monitor.summary(args.device)
@@ -634,12 +634,9 @@ def write_training_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) 
     )
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step (None when there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def latest_checkpoint(output_dir: str | os.PathLike, require_optimizer: bool = True) -> Path | None:
+    """The newest *complete* ``checkpoint-<step>`` folder of ``output_dir`` (None when there is none): a
+    half-written one is skipped with a warning (:func:`.checkpoints.latest_complete_checkpoint`)."""
+    from .checkpoints import latest_complete_checkpoint
 
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = get_last_checkpoint(str(folder))
-    return Path(found) if found else None
+    return latest_complete_checkpoint(output_dir, require_optimizer)
