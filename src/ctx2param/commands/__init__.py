@@ -9,7 +9,7 @@ prints them as ``error: ...`` without a traceback.
 The helpers here are shared by the commands that load a generator (``adapt``, ``decode``, ``eval``).
 Wherever a model goes (``--model``, ``--base``), the name ``smollm2`` means the bundled SmolLM2-135M-Instruct
 (:func:`ctx2param.testing_utils.resolve_model_name`). Long steps (loading, decoding) report progress on
-standard error when it is a terminal (or when ``CTX2PARAM_PROGRESS=1``), so that piped output stays clean.
+standard error when it is a terminal (or when ``CTX2PARAM_PROGRESS=1``; ``0`` turns it off).
 """
 
 from __future__ import annotations
@@ -159,7 +159,12 @@ def forward_progress(module: Any, total: int, desc: str) -> Iterator[None]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not progress_enabled())
-    handle = module.register_forward_hook(lambda *_: bar.update(1) if bar.n < total else None)
+
+    def tick(*_: Any) -> None:  # returns None: the module's output stays as it is
+        if bar.n < total:
+            bar.update(1)
+
+    handle = module.register_forward_hook(tick)
     try:
         yield
     finally:
