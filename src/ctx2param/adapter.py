@@ -1064,9 +1064,11 @@ def _download_adapter(repo_id: str, revision: str | None, **hub_kwargs: Any) -> 
             f"{repo_id!r} is neither an existing folder nor a valid Hub repository id."
         ) from err
     except RepositoryNotFoundError as err:
-        raise AdapterFileError(f"No adapter repository {repo_id!r} on the Hub (or no access to it).") from err
+        raise AdapterFileError(
+            f"No adapter repository {repo_id!r} on the Hub (or no access to it); no folder {repo_id} here."
+        ) from err
     except LocalEntryNotFoundError as err:
         raise AdapterFileError(
             f"{repo_id!r} is not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE is set or "
-            f"there is no network): {err}"
+            f"there is no network); there is no folder {Path(repo_id).absolute()} either."
         ) from err
