@@ -81,7 +81,7 @@ def resolve_adapter_modules(model: nn.Module, adapter: ContextAdapter) -> dict[s
         same = any(normalize_base_id(i) == wanted for i in own)
         if not same and any(bases_differ(i, adapter.base_model) for i in own):
             raise AdapterMismatchError(
-                f"The adapter was made for the base model {adapter.base_model!r}, but this "
+                f"The adapter was made for another base model, {adapter.base_model!r}: this "
                 f"{type(root).__name__} is {own[0]!r}. Apply it to the model it was made for. If it does fit "
                 f"this one (the same weights in another place), say so by re-tagging it: "
                 f"ContextAdapter(dict(adapter), base_model={own[0]!r})."
