@@ -642,9 +642,13 @@ def test_processes_plan_from_the_same_store_before_any_writes(
 
     monkeypatch.setattr(corpus_module, "read_view", read_view)
     results: dict[int, Any] = {}
+    # one generator per thread (tokenizers), loaded here, one after the other: transformers' from_pretrained
+    # swaps PreTrainedModel.tie_weights out and back (no_tie_weights), so two concurrent loads can leave it
+    # swapped out for good, and every model loaded later in the session untied (its lm_head on meta)
+    loaded = [AutoModelForContextAdaptation.from_pretrained(gen_dir) for _ in range(2)]
 
     def run(index: int) -> None:
-        generator = AutoModelForContextAdaptation.from_pretrained(gen_dir)  # one per thread (tokenizers)
+        generator = loaded[index]
         try:
             results[index] = adapt_corpus(
                 generator, CORPUS, tmp_path / "two", batch_size=2, progress=False, state=ThreadState(index)
