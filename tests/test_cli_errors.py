@@ -225,6 +225,12 @@ def test_smollm2_is_accepted_wherever_a_model_goes(capsys, gen_dir, tmp_path):
     one_line_error(capsys, [*adapt, "--model", "smollm2"], "plain 'llama'")
     train = ["train", "compas", "--init-from", "smollm2", "--data", "coqa", "--out", tmp_path / "t"]
     one_line_error(capsys, train, "plain 'llama'")
+    # --model of `ctx2param data questions / responses` (here the tokenizer-only path of --answers gold)
+    import argparse
+
+    from ctx2param.commands import data
+
+    assert data._tokenizer_only(argparse.Namespace(model="smollm2", revision=None)).name == path
 
 
 # ---------------------------------------------------------------------------------- point 7: imports

@@ -48,7 +48,11 @@ def _name_list(text: str) -> list[str]:
 def _add_model(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", "-m", required=True, metavar="ID_OR_DIR", help="the base causal LM (folder or Hub id)"
+        "--model",
+        "-m",
+        required=True,
+        metavar="ID_OR_DIR",
+        help="the base causal LM (folder or Hub id; 'smollm2': the bundled SmolLM2-135M-Instruct)",
     )
     group.add_argument("--revision", help="revision of a Hub model")
     group.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None)
@@ -253,7 +257,9 @@ def _tokenizer_only(args: argparse.Namespace) -> Any:
     from transformers import AutoConfig, AutoTokenizer
 
     from ..evaluation.runner import EvalModel
+    from . import resolve_model_arguments
 
+    resolve_model_arguments(args, ("model",))  # 'smollm2': the bundled model (eval's _load does it too)
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     config = AutoConfig.from_pretrained(args.model, revision=args.revision)
     config = getattr(config, "text_config", None) or config
