@@ -101,7 +101,9 @@ def write_folder_atomically(
     patterns: the other format's files, old shards and their index) are not carried over, and everything
     this save writes replaces the old file of that name. Leftover ``.NAME.tmp-*`` / ``.NAME.old-*`` folders
     of saves that were killed (their process is gone) are deleted by the next save into ``directory``.
-    Files are fsynced before the exchange, the parent folder after it.
+    Files are fsynced before the exchange, the parent folder after it. A process whose working folder is
+    ``directory`` (or inside it) follows it to the new version; a reader that opened files of the previous
+    version keeps reading those, whole.
 
     Args:
         directory: the folder to create or replace.
