@@ -37,15 +37,19 @@ def test_generator_and_decoder_fit_in_15m_parameters(smollm2, tmp_path, capsys):
     cfg = base.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
-    assert len(model.config.target_shapes) == 30 * 7  # q, k, v, o, gate, up, down in every layer
-    assert len(model.layout.kinds) == 7 and len(model.layout.layers) == 30
+    assert len(model.config.target_shapes) == 30  # the recipe's choice: down_proj of every layer
+    assert model.layout.kinds == ("mlp.down_proj",) and len(model.layout.layers) == 30
     parts = model.parameter_breakdown()
     assert model.num_method_parameters() == parts["total"] == parts["generator"] + parts["decoder"]
     assert parts["total"] <= 15_000_000, parts
     assert model.num_method_parameters(trainable_only=True) == parts["total"]
-    # at initialisation ΔW is small next to the weights (a few percent in Frobenius norm), but not zero
+    # at initialisation ΔW is zero for every passage (the output scale starts at zero) ...
     adapter = model.generate_adapter("The secret password is Marigold.")
-    assert adapter.rank == 16
+    assert adapter.rank == 8 and all(torch.count_nonzero(adapter.delta_weight(n)) == 0 for n in adapter)
+    # ... and once the scale moves, small next to the weights (a few percent in Frobenius norm)
+    with torch.no_grad():
+        model.generator.output_scale.fill_(0.01)
+    adapter = model.generate_adapter("The secret password is Marigold.")
     modules = dict(base.named_modules())
     ratios = [float(adapter.delta_weight(n).norm() / modules[n].weight.norm()) for n in adapter]
     assert 0 < max(ratios) < 0.05, max(ratios)
@@ -63,18 +67,23 @@ def test_alignment_loss_falls_on_a_fixed_batch(smollm2):
     base, tokenizer = smollm2
     torch.manual_seed(0)
     config = CompAsConfig(
-        alignment_weight=1.0, ce_weight=0.0, additivity_weight=0.0, reconstruction_weight=0.0
+        alignment_weight=1.0,
+        ce_weight=0.0,
+        additivity_weight=0.0,
+        reconstruction_weight=0.0,
+        output_gain=10.0,
     )
     model = CompAsModel.from_base(base, config, tokenizer=tokenizer)
     batch = model.collate_training_examples(EXAMPLES)
-    # lr from a sweep on this batch (seed 0): 3e-4 takes KL from 2.93 to 0.60 in 4 steps and 0.06 in 20
-    optimizer = torch.optim.Adam(model.method_parameters(), lr=3e-4)
+    # from a sweep on this batch (seed 0, 10 Adam steps; ΔW starts at zero): KL 2.94 -> 0.43 with lr 1e-3 and
+    # output_gain 10, -> 2.10 with gain 1 (the output scale then grows ten times slower)
+    optimizer = torch.optim.Adam(model.method_parameters(), lr=1e-3)
     values = []
-    for _ in range(5):
+    for _ in range(6):
         losses = model.training_losses(batch)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
         values.append(losses["alignment"].item())
     assert all(p.grad is None for p in base.parameters())
-    assert min(values[-2:]) <= 0.9 * values[0], values
+    assert min(values[-2:]) <= 0.75 * values[0], values

@@ -34,6 +34,9 @@ class CompAsConfig(ContextAdaptationConfig):
         head_sharing: ``"layer"`` (one head per layer and kind: ``L · head_dim · (d_in + d_out)`` weights
             per kind) or ``"kind"`` (one head per kind shared by the layers, told apart by the layer
             embedding).
+        output_gain: ``s_i = output_gain · output_scale_i``: with Adam a parameter moves about the learning
+            rate per step whatever its gradient's size, so the gain sets how fast ΔW can grow from zero
+            (the other weights are unchanged by it).
         decoder_probes: ``p``, right probes per module kind (ΔW · P, P ``[d_in, p]``).
         decoder_probe_outputs: ``q``, left probes per module kind (Qᵀ ΔW P, Q ``[d_out, q]``).
         decoder_tokens_per_layer: soft-prompt tokens made from each layer's features.
@@ -79,6 +82,7 @@ class CompAsConfig(ContextAdaptationConfig):
         latent_init_std: float = 0.02,
         head_dim: int = 64,
         head_sharing: str = "layer",
+        output_gain: float = 1.0,
         decoder_probes: int = 8,
         decoder_probe_outputs: int = 8,
         decoder_tokens_per_layer: int = 2,
@@ -150,6 +154,8 @@ class CompAsConfig(ContextAdaptationConfig):
         for name, value in weights.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"CompAsConfig.{name} must be a number >= 0, got {value!r}.")
+        if not (isinstance(output_gain, (int, float)) and output_gain > 0):
+            raise ValueError(f"CompAsConfig.output_gain must be > 0, got {output_gain!r}.")
         if not (isinstance(latent_init_std, (int, float)) and latent_init_std > 0):
             raise ValueError(f"CompAsConfig.latent_init_std must be > 0, got {latent_init_std!r}.")
         if not (isinstance(state_layer_fraction, (int, float)) and 0 < state_layer_fraction <= 1):
@@ -169,6 +175,7 @@ class CompAsConfig(ContextAdaptationConfig):
         self.latent_init_std = float(latent_init_std)
         self.head_dim = head_dim
         self.head_sharing = head_sharing
+        self.output_gain = float(output_gain)
         self.decoder_probes = decoder_probes
         self.decoder_probe_outputs = decoder_probe_outputs
         self.decoder_tokens_per_layer = decoder_tokens_per_layer

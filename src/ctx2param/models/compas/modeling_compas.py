@@ -154,6 +154,7 @@ class CompAsGenerator(nn.Module):
             )  # [copies, h, d_in + d_out]: |a_i| ≈ |b_i| / s_i ≈ 1 for a unit ẑ_i
             self.heads.append(nn.Parameter(weight))
         self.output_scale = nn.Parameter(torch.zeros(len(layout.kinds), n_layers, m))
+        self.output_gain = float(config.output_gain)  # s_i = gain · output_scale: the scale's own step size
         self.kinds = list(layout.kinds)
         self.kind_shapes = list(layout.kind_shapes)
 
@@ -195,9 +196,8 @@ class CompAsGenerator(nn.Module):
             rows = by_layer @ weight if weight.shape[0] == n_layers else by_layer @ weight[0]  # [L, C·m, e]
             rows = rows.view(n_layers, c, m, -1).permute(1, 0, 2, 3)  # [C, L, m, d_in + d_out]
             A = rows[..., :d_in]
-            B = (rows[..., d_in:] * self.output_scale[kind][None, :, :, None].to(rows.dtype)).transpose(
-                -1, -2
-            )
+            scale = (self.output_scale[kind] * self.output_gain)[None, :, :, None].to(rows.dtype)
+            B = (rows[..., d_in:] * scale).transpose(-1, -2)
             out.append((A, B))
         return out
 
