@@ -247,3 +247,21 @@ def test_label_bias_script_agrees_with_ctx2param_eval(tmp_path: Path, bias_scrip
     first = report["results"][0]["pairs"]["no/yes"]
     assert set(first["content_free_p_yes"]) == {"N/A", "", "[MASK]"}
     assert 0 <= first["yes_share"] <= 1 and 0 < first["mean_p_yes"] < 1
+
+
+def test_prompt_format_can_be_chosen_for_any_task(stream_dir: Path, tmp_path: Path):
+    """``--prompt-format plain`` evaluates StreamAdapter in the format it trains on on ARC too; ``model``
+    puts a demonstration task through the chat template."""
+    lengths = {}
+    for task, fmt in (("arc-easy-k", None), ("arc-easy-k", "plain"), ("sst2-k", "model")):
+        out = tmp_path / f"{task}-{fmt}"
+        extra = ["--prompt-format", fmt] if fmt else []
+        assert main(["eval", "--model", str(stream_dir), "--task", task, "--k", "1", "--n", "2", "--systems",
+                     "closed,stream", "--out", str(out), "--no-progress", *extra]) == 0  # fmt: skip
+        data = json.loads((out / "results.json").read_text())
+        lengths[task, fmt] = data["results"][0]["prompt_tokens_mean"]
+        expected = "plain text" if (fmt or ("plain" if task == "sst2-k" else "model")) == "plain" else "chat"
+        assert data["settings"]["prompt_format"].startswith(expected), (task, fmt)
+    assert lengths["arc-easy-k", "plain"] < lengths["arc-easy-k", None]  # no chat-template tokens
+    with pytest.raises(ValueError, match="prompt_format"):
+        EvalConfig(task="sst2-k", prompt_format="chat").validate()

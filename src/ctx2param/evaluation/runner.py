@@ -142,6 +142,9 @@ class EvalConfig:
         demo_seeds: demonstration sets per (system, k) of a demonstration task (mean ± std).
         calibrate: score choices against the content-free prior of the label words (tasks with fixed label
             words only); the default only measures that prior.
+        prompt_format: ``"model"`` or ``"plain"`` for every system (see :class:`~.tasks.TaskSpec`); None:
+            the task's own (plain for the demonstration tasks). ``"plain"`` evaluates a generator trained on
+            plain-text prompts (StreamAdapter) in its own format on any task.
     """
 
     task: str
@@ -157,6 +160,7 @@ class EvalConfig:
     num_samples: int = 3
     demo_seeds: int = 1
     calibrate: bool = False
+    prompt_format: str | None = None
 
     def validate(self) -> TaskSpec:
         """Check every setting; returns the task's spec. Raises ``ValueError`` naming the bad setting."""
@@ -199,6 +203,8 @@ class EvalConfig:
                 f"--demo-seeds applies to tasks with shared demonstration sets ({demo_tasks}); {spec.name} "
                 "draws its demonstrations per question."
             )
+        if self.prompt_format not in (None, "model", "plain"):
+            raise ValueError(f"prompt_format must be 'model' or 'plain', got {self.prompt_format!r}.")
         if self.calibrate and spec.content_free is None:
             raise ValueError(
                 f"{spec.name} has no content-free input to calibrate against (calibration needs fixed label "
@@ -764,7 +770,7 @@ class _Run:
         self.score_tokens = config.score_tokens or (131072 if self.device.type == "cuda" else 4096)
         self.max_items = 512 if self.device.type == "cuda" else 64
         self.maker: _AdapterMaker | None = None  # made on first use (generators only)
-        self.plain = spec.prompt_format == "plain"
+        self.plain = (config.prompt_format or spec.prompt_format) == "plain"
 
     def _progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
@@ -1107,8 +1113,8 @@ def run_evaluation(
     return snapshot(complete=True)
 
 
-def _prompt_format(model: EvalModel, spec: TaskSpec) -> str:
-    if spec.prompt_format == "plain":
+def _prompt_format(model: EvalModel, plain: bool) -> str:
+    if plain:
         return "plain text (the tokenizer's own special tokens)"
     return "chat template (one user turn)" if model.chat else "plain text"
 
@@ -1155,8 +1161,8 @@ def _results_dict(
             "choice_normalisation": "sum of choice-token log-probs / number of choice tokens"
             if spec.kind == "choice"
             else None,
-            "prompt_format": _prompt_format(model, spec),
-            "context_separator": SEPARATOR if spec.prompt_format == "plain" else model.separator,
+            "prompt_format": _prompt_format(model, run.plain),
+            "context_separator": SEPARATOR if run.plain else model.separator,
             "demo_seeds": config.demo_seeds if spec.demo_sets else None,
             "calibration": "content-free (N/A) prior subtracted" if config.calibrate else None,
         },
