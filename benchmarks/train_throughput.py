@@ -117,6 +117,8 @@ def tiny_settings(method: str) -> dict[str, Any]:
 def examples_for(method: str, model: Any, args: argparse.Namespace) -> list[Any]:
     from ctx2param.commands.train import load_training_examples
 
+    if method == "stream_adapter" and args.stream_data:  # the recipe's mix, exported (stream_mix)
+        return load_training_examples(args.stream_data, model.tokenizer, max_chunks=1, seed=0)
     if method == "stream_adapter":  # the recipe's mix: seen-task demonstrations and passage continuation
         recipe = load_recipe("train_stream_adapter")
         data = recipe.DATA
@@ -342,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stream-examples", type=int, default=2000, help="StreamAdapter: examples per source of its mix"
     )
+    p.add_argument(
+        "--stream-data", nargs="+", help="StreamAdapter: its mix as JSONL (--export-stream-mix wrote it)"
+    )
+    p.add_argument(
+        "--export-stream-mix", metavar="FILE", help="write StreamAdapter's recipe mix as JSONL and exit"
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seconds", type=float, default=130.0, help="training time per method")
@@ -350,10 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logging-steps", type=int, default=20)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.export_stream_mix:  # on a machine with the evaluation data (the passages' contamination check)
+        from transformers import AutoTokenizer
+
+        from ctx2param.training.data import save_jsonl
+
+        tokenizer = AutoTokenizer.from_pretrained(args.random_init or args.base)
+        examples = examples_for("stream_adapter", argparse.Namespace(tokenizer=tokenizer), args)
+        save_jsonl(examples, args.export_stream_mix)
+        print(f"wrote {len(examples)} StreamAdapter examples to {args.export_stream_mix}")
+        return 0
     if not (args.base or args.random_init or args.tiny):
         p.error("give --base, --random-init or --tiny")
+    if not args.out:
+        p.error("--out is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

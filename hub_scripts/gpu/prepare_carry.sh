@@ -9,6 +9,8 @@
 #                                   benchmark's random-weight base of the same architecture
 #   runs/mix.jsonl.gz (+ .sources.json)   the passage/question mix (`ctx2param data mix`, needs `datasets`)
 #   runs/throughput_examples.jsonl.gz     training examples of the production shape for the throughput call
+#   runs/stream_mix.jsonl.gz              StreamAdapter's recipe mix (its passages' contamination check reads
+#                                         evaluation data the throughput call does not carry)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=.venv/bin/python
@@ -38,5 +40,7 @@ tar czf .gpu/smollm2_arch.tgz -C .gpu smollm2_arch  # 0.6 MB instead of 3.4 (cal
 # SciQ (CC BY-NC 3.0) stays out: the released generator's data are all for any use
 $PY -m ctx2param data mix --out runs/mix.jsonl.gz --seed 0 --sources wiki,boolq,coqa,drop,sciriff
 $PY -m ctx2param data responses --mix runs/mix.jsonl.gz --answers gold --k 1,2,4,8 --questions-per-example 4 \
-    --model .gpu/smollm2_arch --out runs/throughput_examples.jsonl.gz --limit 5000 --seed 0
-du -sh .gguf/* .whl .gpu/site.tgz .gpu/smollm2_arch.tgz runs/mix.jsonl.gz runs/throughput_examples.jsonl.gz
+    --model .gpu/smollm2_arch --out runs/throughput_examples.jsonl.gz --limit 2500 --seed 0
+$PY benchmarks/train_throughput.py --random-init .gpu/smollm2_arch --stream-examples 600 \
+    --export-stream-mix runs/stream_mix.jsonl && gzip -f runs/stream_mix.jsonl
+du -sh .gguf/* .whl .gpu/site.tgz .gpu/smollm2_arch.tgz runs/*.gz
